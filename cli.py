@@ -1,0 +1,195 @@
+"""mmsent command line: extract → fit → predict (and finetune) for image–text sentiment.
+
+Run ``python cli.py --help`` or ``python cli.py COMMAND --help``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Image–text sentiment (positive / neutral / negative): cache encoder features once, "
+    "then train light fusion heads on them in seconds.",
+)
+
+DEFAULT_DATA = Path("../shared/data/mvsa-single")
+DEFAULT_CACHE = Path("cache")
+DEFAULT_TEXT_ENCODER = "minilm"
+DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
+
+DataOption = typer.Option(
+    DEFAULT_DATA, "--data", help="Data folder: train.txt, test_without_label.txt, data/{guid}.txt|.jpg."
+)
+CacheOption = typer.Option(DEFAULT_CACHE, "--cache", help="Root folder of the HDF5 feature caches.")
+TextEncoderOption = typer.Option(
+    DEFAULT_TEXT_ENCODER, "--text-encoder",
+    help="Text encoder: minilm (embedded, offline), bert-base-uncased (hub), hf:<model id>, or a local model folder.",
+)
+ImageEncoderOption = typer.Option(
+    DEFAULT_IMAGE_ENCODER, "--image-encoder",
+    help="Image encoder: efficientnet-lite0 (embedded, offline), resnet50 (hub), or tv:<torchvision model>.",
+)
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends the command with one readable line and exit code 1, not a traceback."""
+    from extract.dataset import BadImageError
+    from extract.encoders.hf_text import EncoderUnavailableError
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError, EncoderUnavailableError, BadImageError) as error:
+            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@_one_line_errors
+def extract(
+    data: Path = DataOption,
+    cache: Path = CacheOption,
+    text_encoder: str = TextEncoderOption,
+    image_encoder: str = ImageEncoderOption,
+    batch_size: int = typer.Option(32, min=1, help="Pairs per encoder forward pass."),
+    max_tokens: int = typer.Option(64, min=2, help="Cap on tokens per text (the text cache's sequence length)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
+    workers: int | None = typer.Option(None, min=0, help="Data-loading processes (default: half the CPU cores)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images as skipped instead of stopping."),
+    only: str | None = typer.Option(None, help="Extract only 'text' or 'image'."),
+) -> None:
+    """Stage one: encode every pair of train.txt and test_without_label.txt into the HDF5 cache.
+
+    Resumable: a rerun encodes only the guids missing from the cache.
+    """
+    from extract.device import resolve_device
+    from extract.registry import create_encoder
+    from extract.run import data_guids, extract_features
+
+    torch_device = resolve_device(device)
+    guids = data_guids(data)
+    kinds = {"text": (text_encoder, {"max_tokens": max_tokens}), "image": (image_encoder, {})}
+    if only is not None and only not in kinds:
+        raise typer.BadParameter(f"expected 'text' or 'image', got {only!r}", param_hint="--only")
+    for kind, (name, options) in kinds.items():
+        if only not in (None, kind):
+            continue
+        started = time.perf_counter()
+        encoder = create_encoder(kind, name, **options)
+        summary = extract_features(
+            encoder, data, cache, guids=guids, batch_size=batch_size, device=torch_device, skip_bad=skip_bad,
+            num_workers=workers,
+        )
+        seconds = time.perf_counter() - started
+        typer.echo(
+            f"{kind} {name}: {summary.encoded} new of {summary.total} pairs in {seconds:.1f} s on {torch_device} "
+            f"→ {summary.path}"
+            + (f" ({len(summary.skipped)} skipped: {summary.skipped[:5]})" if summary.skipped else "")
+        )
+
+
+@app.command()
+@_one_line_errors
+def fit(
+    out: Path = typer.Option(..., "--out", help="Run folder to create (config.json, model.pt, metrics.json, report)."),
+    data: Path = DataOption,
+    cache: Path = CacheOption,
+    text_encoder: str = TextEncoderOption,
+    image_encoder: str = ImageEncoderOption,
+    head: str = typer.Option("cross-attention", help="Fusion head: cross-attention | concat | text-only | image-only."),
+    val_fraction: float = typer.Option(0.1, help="Stratified share of train.txt held out for validation."),
+    seed: int = typer.Option(0, help="Seeds the split, the initialisation and the batch order."),
+    epochs: int = typer.Option(30, min=1, help="Most epochs; early stopping on validation macro-F1 ends sooner."),
+    patience: int = typer.Option(5, min=1, help="Epochs without a better validation macro-F1 before stopping."),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(5e-4, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.01),
+    loss: str = typer.Option("ce", help="ce | focal."),
+    class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency."),
+    label_smoothing: float = typer.Option(0.0),
+    hidden: int | None = typer.Option(None, help="Head hidden size D (default 128)."),
+    num_heads: int | None = typer.Option(None, help="Attention heads (default 4)."),
+    layers: int | None = typer.Option(None, help="Attention blocks per branch (default 1)."),
+    dropout: float | None = typer.Option(None, help="Dropout (default 0.2)."),
+    text_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default last)."),
+    image_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default mean)."),
+    norm: str | None = typer.Option(None, help="Norm in attention blocks: layer | batch (default layer)."),
+    image_positions: str | None = typer.Option(None, help="Patch positions: none | sinusoidal | learned."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty run folder."),
+) -> None:
+    """Stage two: train a fusion head on the cached features and report validation metrics."""
+    from fusion.config import FitConfig
+    from fusion.metrics import format_report
+    from fusion.run import fit_run
+
+    fit_config = FitConfig(
+        head=head, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
+    ).validate()
+    head_options = {
+        key: value
+        for key, value in {
+            "hidden": hidden, "num_heads": num_heads, "layers": layers, "dropout": dropout,
+            "text_pool": text_pool, "image_pool": image_pool, "norm": norm, "image_positions": image_positions,
+        }.items()
+        if value is not None
+    }
+    trainer = fit_run(
+        data, cache, out, fit_config, head_options, text_encoder=text_encoder, image_encoder=image_encoder,
+        overwrite=overwrite,
+    )
+    typer.echo(
+        f"{head}: best epoch {trainer.best_epoch_} of {len(trainer.history_)}, fit in {trainer.fit_seconds_:.1f} s; "
+        "validation report:"
+    )
+    typer.echo(format_report(trainer.val_metrics_))
+    typer.echo(f"run folder: {out}")
+
+
+@app.command()
+@_one_line_errors
+def predict(
+    run: Path = typer.Option(..., "--run", help="Run folder written by fit (or finetune)."),
+    data: Path = DataOption,
+    cache: Path = CacheOption,
+    out: Path | None = typer.Option(None, "--out", help="Submission CSV to write (guid,tag for every test row)."),
+    text: str | None = typer.Option(None, "--text", help="Text of one new post (with --image)."),
+    image: Path | None = typer.Option(None, "--image", help="Image of one new post (with --text)."),
+) -> None:
+    """Write the submission for test_without_label.txt, or label one new post (--text and --image)."""
+    import numpy as np
+
+    from extract.dataset import LABELS
+    from fusion.predict import predict_post, predict_submission
+
+    if (text is None) != (image is None):
+        raise typer.BadParameter("give both --text and --image for a single post", param_hint="--text/--image")
+    if text is not None:
+        probabilities = predict_post(run, text, image)
+        label = max(probabilities, key=probabilities.get)
+        typer.echo(f"{label}  " + "  ".join(f"{k}={v:.3f}" for k, v in probabilities.items()))
+        return
+    if out is None:
+        raise typer.BadParameter("give --out FILE for the submission, or --text and --image for one post")
+    probabilities = predict_submission(run, data, cache, out)
+    counts = np.bincount(probabilities.argmax(1), minlength=len(LABELS))
+    typer.echo(f"wrote {len(probabilities)} predictions to {out}: " + ", ".join(
+        f"{label} {count}" for label, count in zip(LABELS, counts)
+    ))
+
+
+if __name__ == "__main__":
+    sys.exit(app())

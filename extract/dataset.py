@@ -1,0 +1,126 @@
+"""Raw pairs on disk: label files, tweet texts and images in the task's layout.
+
+A data folder holds ``train.txt`` and ``test_without_label.txt`` (CSV ``guid,tag``)
+and ``data/{guid}.txt`` / ``data/{guid}.jpg``. Everything that reads those files
+lives here, so that bad input fails in one place with one clear message.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+LABELS: tuple[str, ...] = ("positive", "neutral", "negative")
+LABEL_TO_ID: dict[str, int] = {label: i for i, label in enumerate(LABELS)}
+UNLABELLED = "null"
+TRAIN_FILE = "train.txt"
+TEST_FILE = "test_without_label.txt"
+
+
+@dataclass(frozen=True)
+class LabelledGuid:
+    guid: str
+    tag: str  # one of LABELS, or UNLABELLED for the test file
+
+
+def read_label_file(path: Path, *, allow_unlabelled: bool = False) -> list[LabelledGuid]:
+    """Read a ``guid,tag`` CSV, refusing anything a typo could have produced."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label file not found")
+    valid = set(LABELS) | ({UNLABELLED} if allow_unlabelled else set())
+    rows: list[LabelledGuid] = []
+    seen: dict[str, int] = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != ["guid", "tag"]:
+            raise ValueError(f"{path}:1: expected header 'guid,tag', got {','.join(header or [])!r}")
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 2 columns 'guid,tag', got {row!r}")
+            guid, tag = row[0].strip(), row[1].strip()
+            if not guid:
+                raise ValueError(f"{path}:{line_no}: empty guid")
+            if tag not in valid:
+                raise ValueError(
+                    f"{path}:{line_no}: unknown tag {tag!r} for guid {guid}; expected one of {sorted(valid)}"
+                )
+            if guid in seen:
+                raise ValueError(f"{path}:{line_no}: duplicate guid {guid} (first on line {seen[guid]})")
+            seen[guid] = line_no
+            rows.append(LabelledGuid(guid, tag))
+    return rows
+
+
+def read_split(data_dir: Path, split: str) -> list[LabelledGuid]:
+    """Rows of ``train`` (labelled) or ``test`` (tags ``null``), checked against ``data/``."""
+    data_dir = Path(data_dir)
+    files = {"train": (TRAIN_FILE, False), "test": (TEST_FILE, True)}
+    if split not in files:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(files)}")
+    name, allow_unlabelled = files[split]
+    label_path = data_dir / name
+    rows = read_label_file(label_path, allow_unlabelled=allow_unlabelled)
+    for line_no, row in enumerate(rows, start=2):
+        if not text_path(data_dir, row.guid).is_file():
+            raise FileNotFoundError(
+                f"{label_path}:{line_no}: guid {row.guid} has no text file {text_path(data_dir, row.guid)}"
+            )
+    return rows
+
+
+def text_path(data_dir: Path, guid: str) -> Path:
+    return Path(data_dir) / "data" / f"{guid}.txt"
+
+
+def image_path(data_dir: Path, guid: str) -> Path:
+    return Path(data_dir) / "data" / f"{guid}.jpg"
+
+
+def decode_text(raw: bytes) -> str:
+    """Decode tweet bytes: UTF-8 when valid, else GB18030 (a superset of GBK), never raising."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("gb18030", errors="replace")
+    return " ".join(text.split())
+
+
+def read_text(data_dir: Path, guid: str) -> str:
+    path = text_path(data_dir, guid)
+    if not path.is_file():
+        raise FileNotFoundError(f"guid {guid}: text file not found: {path}")
+    return decode_text(path.read_bytes())
+
+
+class BadImageError(ValueError):
+    """An image that is missing or cannot be decoded; carries the guid for reporting."""
+
+    def __init__(self, guid: str, path: Path, reason: str):
+        super().__init__(f"guid {guid}: cannot read image {path}: {reason}")
+        self.guid = guid
+
+
+def load_image(path: Path, guid: str = "?") -> Image.Image:
+    """Open any image mode (greyscale, CMYK, palette, alpha) as fully decoded RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadImageError(guid, path, "file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "P") or "transparency" in image.info:
+                # Composite on white: converting alpha straight to RGB leaves black backgrounds.
+                rgba = image.convert("RGBA")
+                background = Image.new("RGB", rgba.size, (255, 255, 255))
+                background.paste(rgba, mask=rgba.getchannel("A"))
+                return background
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise BadImageError(guid, path, str(error) or type(error).__name__) from error

@@ -1,0 +1,3 @@
+"""Built-in encoders; importing a module registers its names."""
+
+from extract.encoders import efficientnet_lite, hf_text, torchvision_image  # noqa: F401

@@ -1,0 +1,123 @@
+"""The two encoder contracts that every stage relies on.
+
+A text encoder maps tweets to per-token features, an image encoder maps images to
+per-patch features; both return ``(features, mask)`` with ``features`` of shape
+``(B, L, D)`` and a bool ``mask`` of shape ``(B, L)``, True = real token or patch.
+Each encoder also reads its own raw input (``read``) and batches it (``collate``),
+so that extraction, finetuning and single-post prediction share one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of every parameter and buffer: two encoders agree iff their weights do."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Encoder(nn.Module):
+    """Common part of both contracts; subclasses set ``kind``, ``name``, ``dim`` and ``length``."""
+
+    kind: str
+    name: str
+    dim: int  # D: feature size of each token or patch
+    length: int  # L: tokens (text, the max) or patches (image, fixed) per row
+
+    def read(self, data_dir: Path, guid: str) -> Any:
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Everything besides the weights that changes the features; stored in caches."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "encoder": self.name,
+            "fingerprint": weights_fingerprint(self),
+            "dim": self.dim,
+            "length": self.length,
+            "preprocessing": self.preprocessing(),
+        }
+
+    def encode(self, items: list[Any], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Collate raw items, move them to ``device`` and run the encoder."""
+        batch = {key: value.to(device) for key, value in self.collate(items).items()}
+        return self(**batch)
+
+
+class TextEncoder(Encoder):
+    kind = "text"
+
+
+class ImageEncoder(Encoder):
+    kind = "image"
+
+
+class PatchImageEncoder(ImageEncoder):
+    """A convolutional backbone whose last feature map (B, C, H, W) becomes H·W patches.
+
+    Subclasses set ``backbone`` (pixels → feature map), ``image_size``, ``mean`` and ``std``.
+    Images are squashed to a square rather than centre-cropped: text and faces near the
+    edges of tweet images carry sentiment that a crop would cut off.
+    """
+
+    backbone: nn.Module
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def _set_shape(self) -> None:
+        with torch.no_grad():
+            was_training = self.backbone.training
+            self.backbone.eval()
+            feature_map = self.backbone(torch.zeros(1, 3, self.image_size, self.image_size))  # (1, C, H, W)
+            self.backbone.train(was_training)
+        self.dim = feature_map.shape[1]
+        self.length = feature_map.shape[2] * feature_map.shape[3]
+
+    def read(self, data_dir: Path, guid: str) -> torch.Tensor:
+        from extract.dataset import image_path, load_image
+
+        return self.pixels(load_image(image_path(data_dir, guid), guid))
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        """PIL RGB image → normalised tensor (3, S, S)."""
+        from torchvision.transforms.functional import normalize, pil_to_tensor, resize
+
+        image = resize(image, [self.image_size, self.image_size], antialias=True)
+        pixels = pil_to_tensor(image).float().div_(255.0)  # (3, S, S) in [0, 1]
+        return normalize(pixels, list(self.mean), list(self.std))
+
+    def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"pixels": torch.stack(items)}  # (B, 3, S, S)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.backbone(pixels)  # (B, C, H, W)
+        image_patches = feature_map.flatten(2).transpose(1, 2)  # (B, P=H·W, C)
+        mask = torch.ones(image_patches.shape[:2], dtype=torch.bool, device=pixels.device)  # (B, P)
+        return image_patches, mask
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "resize": "squash to square, antialiased",
+            "mean": [round(v, 6) for v in self.mean],
+            "std": [round(v, 6) for v in self.std],
+            "patches": self.length,
+        }

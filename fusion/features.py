@@ -1,0 +1,68 @@
+"""Cached features of labelled pairs, held in memory as tensors for the heads.
+
+Reads the HDF5 caches once (through ``extract.cache``); batches are then slices of
+pre-loaded float16 tensors, so no HDF5 read ever happens in the training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.cache import cache_path, load_features
+
+
+@dataclass
+class PairFeatures:
+    guids: list[str]
+    text: torch.Tensor  # (N, T, D_text) float16
+    text_mask: torch.Tensor  # (N, T) bool, True = real token
+    image: torch.Tensor  # (N, P, D_image) float16
+    image_mask: torch.Tensor  # (N, P) bool, True = real patch
+
+    def __len__(self) -> int:
+        return len(self.guids)
+
+    def subset(self, rows: np.ndarray) -> PairFeatures:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return PairFeatures(
+            [self.guids[r] for r in rows], self.text[index], self.text_mask[index], self.image[index],
+            self.image_mask[index],
+        )
+
+    def batch(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """float32 inputs of the head for ``rows``; text is cut to the longest real sequence in the batch."""
+        text_mask = self.text_mask[rows]  # (B, T)
+        length = max(int(text_mask.sum(1).max()), 1)
+        return (
+            self.text[rows, :length].float().to(device),  # (B, T', D_text)
+            text_mask[:, :length].to(device),  # (B, T')
+            self.image[rows].float().to(device),  # (B, P, D_image)
+            self.image_mask[rows].to(device),  # (B, P)
+        )
+
+
+def load_pair_features(
+    cache_root: Path,
+    data_dir: Path,
+    guids: list[str],
+    text_encoder: str,
+    image_encoder: str,
+    expected: dict[str, dict[str, Any]] | None = None,
+) -> tuple[PairFeatures, dict[str, dict[str, Any]]]:
+    """Features of ``guids`` from one text and one image cache, and both caches' descriptions."""
+    expected = expected or {}
+    text = load_features(cache_path(cache_root, data_dir, "text", text_encoder), guids, expected.get("text"))
+    image = load_features(cache_path(cache_root, data_dir, "image", image_encoder), guids, expected.get("image"))
+    features = PairFeatures(
+        list(guids),
+        torch.from_numpy(text.features),
+        torch.from_numpy(text.mask),
+        torch.from_numpy(image.features),
+        torch.from_numpy(image.mask),
+    )
+    return features, {"text": text.description, "image": image.description}

@@ -1,0 +1,3 @@
+"""Built-in fusion heads; importing a module registers its names."""
+
+from fusion.heads import cross_attention, pooled  # noqa: F401

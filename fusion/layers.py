@@ -1,0 +1,112 @@
+"""Building blocks shared by the heads: masked norms, attention blocks, patch positions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NORMS = ("layer", "batch")
+POSITIONS = ("none", "sinusoidal", "learned")
+
+
+class MaskedNorm(nn.Module):
+    """LayerNorm, or BatchNorm whose statistics come from real positions only."""
+
+    def __init__(self, kind: str, dim: int):
+        super().__init__()
+        if kind not in NORMS:
+            raise ValueError(f"unknown norm {kind!r}; expected one of {list(NORMS)}")
+        self.kind = kind
+        self.norm = nn.LayerNorm(dim) if kind == "layer" else nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return self.norm(x)
+        out = torch.zeros_like(x)  # (B, L, D)
+        if mask.any():
+            out[mask] = self.norm(x[mask])  # normalise the (N_real, D) real positions only
+        return out
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block: queries attend to a context (itself for self-attention), then an MLP."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float, norm: str):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.norm_query = MaskedNorm(norm, dim)
+        self.norm_context = MaskedNorm(norm, dim)
+        # No dropout on attention weights: it forces the slow unfused attention path on CPU.
+        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm_mlp = MaskedNorm(norm, dim)
+        # Dropout only on the residual branches: CPU random masks are costly, so they go where they count.
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        query: torch.Tensor,  # (B, Lq, D)
+        query_mask: torch.Tensor,  # (B, Lq)
+        context: torch.Tensor | None = None,  # (B, Lc, D); None = self-attention
+        context_mask: torch.Tensor | None = None,  # (B, Lc)
+    ) -> torch.Tensor:
+        if context is None:
+            context, context_mask = query, query_mask
+        has_context = context_mask.any(dim=1)  # (B,)
+        # A row with no real key would give NaN; let it see key 0 and zero its output instead.
+        safe_mask = context_mask.clone()
+        safe_mask[~has_context, 0] = True
+        q = self.norm_query(query, query_mask)
+        kv = q if context is query else self.norm_context(context, safe_mask)
+        attended, _ = self.attention(q, kv, kv, key_padding_mask=~safe_mask, need_weights=False)  # (B, Lq, D)
+        attended = attended * has_context[:, None, None].to(attended.dtype)
+        x = query + self.dropout(attended)
+        x = x + self.dropout(self.mlp(self.norm_mlp(x, query_mask)))  # (B, Lq, D)
+        return x * query_mask.unsqueeze(-1).to(x.dtype)  # padding stays exactly zero
+
+
+class PatchPositions(nn.Module):
+    """Adds a position code to each patch: none, fixed sinusoidal, or learned."""
+
+    def __init__(self, kind: str, length: int, dim: int):
+        super().__init__()
+        if kind not in POSITIONS:
+            raise ValueError(f"unknown positional encoding {kind!r}; expected one of {list(POSITIONS)}")
+        self.kind = kind
+        if kind == "learned":
+            self.table = nn.Parameter(torch.zeros(length, dim))
+            nn.init.normal_(self.table, std=0.02)
+        elif kind == "sinusoidal":
+            position = torch.arange(length).unsqueeze(1)  # (P, 1)
+            frequency = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))  # (D/2,)
+            table = torch.zeros(length, dim)
+            table[:, 0::2] = torch.sin(position * frequency)
+            table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+            self.register_buffer("table", table, persistent=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return patches
+        return patches + self.table[: patches.shape[1]]  # (B, P, D)
+
+
+class Projection(nn.Module):
+    """Normalise encoder features, then map them to the head's hidden size."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float):
+        super().__init__()
+        # No affine: the linear layer absorbs it, and with nothing to learn before the linear layer
+        # autograd skips the gradient of the (large) input features, a third of the projection cost.
+        self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
+        self.linear = nn.Linear(in_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.linear(self.norm(x)))  # (B, L, D)
+
+
+def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))

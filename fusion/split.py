@@ -1,0 +1,19 @@
+"""Seeded, stratified validation splits of the labelled guids (never of the test file)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation); the same seed gives the same split."""
+    rows = np.arange(len(labels))
+    train_rows, val_rows = train_test_split(rows, test_size=val_fraction, stratify=labels, random_state=seed)
+    return np.sort(train_rows), np.sort(val_rows)
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K disjoint stratified validation folds, each with the rest as its training rows."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]

@@ -1,0 +1,107 @@
+"""The one training loop of stage two: AdamW, early stopping on validation macro-F1."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fusion.config import FitConfig, HeadConfig
+from fusion.features import PairFeatures
+from fusion.losses import classification_loss, inverse_frequency_weights
+from fusion.metrics import evaluate
+from fusion.registry import create_head
+
+
+class HeadTrainer:
+    """Trains one head on cached features, keeping the epoch with the best validation macro-F1.
+
+    Follows scikit-learn's contract: ``__init__`` stores, ``fit`` returns ``self`` and sets
+    the learned state (``model_``, ``best_epoch_``, ``history_``, ``val_metrics_``, ``fit_seconds_``).
+    """
+
+    def __init__(self, fit_config: FitConfig, head_config: HeadConfig):
+        self.fit_config = fit_config
+        self.head_config = head_config
+
+    def fit(
+        self,
+        train: PairFeatures,
+        y_train: np.ndarray,
+        val: PairFeatures,
+        y_val: np.ndarray,
+        *,
+        progress: bool = True,
+    ) -> HeadTrainer:
+        config = self.fit_config
+        started = time.perf_counter()
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        model = create_head(config.head, self.head_config)
+        optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr)
+        class_weights = (
+            inverse_frequency_weights(y_train, self.head_config.num_classes) if config.class_weights else None
+        )
+        targets = torch.as_tensor(y_train, dtype=torch.long)
+        best_f1, best_state, stale = -1.0, None, 0
+        self.history_: list[dict[str, Any]] = []
+        bar = tqdm(range(1, config.epochs + 1), desc=f"fit {config.head}", unit="epoch", disable=not progress)
+        for epoch in bar:
+            model.train()
+            order = torch.randperm(len(train), generator=generator)
+            total_loss = 0.0
+            for start in range(0, len(order), config.batch_size):
+                rows = order[start : start + config.batch_size]
+                logits = model(*train.batch(rows))  # (B, C)
+                loss = classification_loss(
+                    logits, targets[rows], kind=config.loss, class_weights=class_weights,
+                    label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss) * len(rows)
+            probabilities = predict_proba(model, val)
+            val_loss = float(torch.nn.functional.nll_loss(
+                torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)), torch.as_tensor(y_val)
+            ))
+            metrics = evaluate(y_val, probabilities.argmax(1))
+            self.history_.append({
+                "epoch": epoch, "train_loss": total_loss / len(train), "val_loss": val_loss,
+                "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
+            })
+            bar.set_postfix(val_f1=f"{metrics['macro_f1']:.3f}", best=f"{max(best_f1, metrics['macro_f1']):.3f}")
+            if metrics["macro_f1"] > best_f1:
+                best_f1, stale = metrics["macro_f1"], 0
+                best_state = copy.deepcopy(model.state_dict())
+                self.best_epoch_, self.val_metrics_ = epoch, metrics
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+        model.load_state_dict(best_state)
+        self.model_ = model.eval()
+        self.fit_seconds_ = time.perf_counter() - started
+        return self
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay weight matrices only: biases, norm scales and pooling queries stay undecayed.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@torch.inference_mode()
+def predict_proba(model: torch.nn.Module, features: PairFeatures, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, C) for cached features."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(features), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(features)))
+        chunks.append(torch.softmax(model(*features.batch(rows)), dim=-1))  # (B, C)
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_classes), np.float32)
