@@ -7,7 +7,7 @@ Schema (text and image files share it; see README "Cache schema")::
     mask      (N, L)     bool             True = real token/patch; an all-False row = skipped pair
 
 Attributes: ``schema``, ``kind``, ``encoder``, ``fingerprint``, ``dim``, ``length``,
-``preprocessing`` (JSON), ``versions`` (JSON), ``data_dir``. Rows are appended batch by
+``preprocessing`` (JSON), ``options`` (JSON), ``versions`` (JSON), ``data_dir``. Rows are appended by
 batch and flushed, so an interrupted extraction leaves a valid file holding the
 finished rows, and a rerun encodes only the guids that are missing.
 """
@@ -62,6 +62,7 @@ def _describe_file(handle: h5py.File) -> dict[str, Any]:
     attrs = dict(handle.attrs)
     description = {key: attrs.get(key) for key in IDENTITY_KEYS}
     description["preprocessing"] = json.loads(attrs.get("preprocessing", "null"))
+    description["options"] = json.loads(attrs.get("options", "{}"))
     for key in ("dim", "length"):
         if description[key] is not None:
             description[key] = int(description[key])
@@ -128,6 +129,7 @@ class FeatureCache:
             for key in IDENTITY_KEYS:
                 value = self.description[key]
                 handle.attrs[key] = json.dumps(value) if key == "preprocessing" else value
+            handle.attrs["options"] = json.dumps(self.description["options"])
             handle.attrs["versions"] = json.dumps(package_versions())
             handle.attrs["data_dir"] = str(Path(self.data_dir).resolve())
         os.replace(tmp, self.path)

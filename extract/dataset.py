@@ -8,7 +8,7 @@ lives here, so that bad input fails in one place with one clear message.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +24,7 @@ TEST_FILE = "test_without_label.txt"
 class LabelledGuid:
     guid: str
     tag: str  # one of LABELS, or UNLABELLED for the test file
+    line: int = field(default=0, compare=False)  # line in the label file, for error messages
 
 
 def read_label_file(path: Path, *, allow_unlabelled: bool = False) -> list[LabelledGuid]:
@@ -54,7 +55,7 @@ def read_label_file(path: Path, *, allow_unlabelled: bool = False) -> list[Label
             if guid in seen:
                 raise ValueError(f"{path}:{line_no}: duplicate guid {guid} (first on line {seen[guid]})")
             seen[guid] = line_no
-            rows.append(LabelledGuid(guid, tag))
+            rows.append(LabelledGuid(guid, tag, line_no))
     return rows
 
 
@@ -67,10 +68,10 @@ def read_split(data_dir: Path, split: str) -> list[LabelledGuid]:
     name, allow_unlabelled = files[split]
     label_path = data_dir / name
     rows = read_label_file(label_path, allow_unlabelled=allow_unlabelled)
-    for line_no, row in enumerate(rows, start=2):
+    for row in rows:
         if not text_path(data_dir, row.guid).is_file():
             raise FileNotFoundError(
-                f"{label_path}:{line_no}: guid {row.guid} has no text file {text_path(data_dir, row.guid)}"
+                f"{label_path}:{row.line}: guid {row.guid} has no text file {text_path(data_dir, row.guid)}"
             )
     return rows
 
@@ -104,7 +105,12 @@ class BadImageError(ValueError):
 
     def __init__(self, guid: str, path: Path, reason: str):
         super().__init__(f"guid {guid}: cannot read image {path}: {reason}")
-        self.guid = guid
+        self.guid, self.path, self.reason = guid, path, reason
+
+    def __reduce__(self):
+        # DataLoader workers pickle read errors back to the main process; the default reduce
+        # would call __init__ with the message alone.
+        return type(self), (self.guid, self.path, self.reason)
 
 
 def load_image(path: Path, guid: str = "?") -> Image.Image:

@@ -33,12 +33,13 @@ class MaskedNorm(nn.Module):
 class AttentionBlock(nn.Module):
     """Pre-norm transformer block: queries attend to a context (itself for self-attention), then an MLP."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float, norm: str):
+    def __init__(self, dim: int, num_heads: int, dropout: float, norm: str, cross: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.norm_query = MaskedNorm(norm, dim)
-        self.norm_context = MaskedNorm(norm, dim)
+        # Self-attention reuses the normalised queries as keys: only a cross-attention block has a context norm.
+        self.norm_context = MaskedNorm(norm, dim) if cross else None
         # No dropout on attention weights: it forces the slow unfused attention path on CPU.
         self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm_mlp = MaskedNorm(norm, dim)
@@ -55,6 +56,7 @@ class AttentionBlock(nn.Module):
     ) -> torch.Tensor:
         if context is None:
             context, context_mask = query, query_mask
+        assert context is query or self.norm_context is not None, "a self-attention block was given a context"
         has_context = context_mask.any(dim=1)  # (B,)
         # A row with no real key would give NaN; let it see key 0 and zero its output instead.
         safe_mask = context_mask.clone()

@@ -29,5 +29,9 @@ def classification_loss(
         # Down-weights examples the model already gets right: (1 − p_true)^γ · CE.
         ce = F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing, reduction="none")
         p_true = torch.softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)  # (B,)
-        return ((1.0 - p_true).pow(focal_gamma) * ce).mean()
+        focal = (1.0 - p_true).pow(focal_gamma) * ce  # (B,)
+        if class_weights is None:
+            return focal.mean()
+        # Normalise by the summed target weights, as weighted cross-entropy does, so that γ = 0 is exactly CE.
+        return focal.sum() / class_weights[targets].sum()
     raise ValueError(f"unknown loss {kind!r}; expected 'ce' or 'focal'")

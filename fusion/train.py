@@ -64,7 +64,7 @@ class HeadTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss) * len(rows)
+                total_loss += float(loss.detach()) * len(rows)
             probabilities = predict_proba(model, val)
             val_loss = float(torch.nn.functional.nll_loss(
                 torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)), torch.as_tensor(y_val)

@@ -34,6 +34,7 @@ class Encoder(nn.Module):
     name: str
     dim: int  # D: feature size of each token or patch
     length: int  # L: tokens (text, the max) or patches (image, fixed) per row
+    options: dict[str, Any]  # keyword arguments that rebuild it: create_encoder(kind, name, **options)
 
     def read(self, data_dir: Path, guid: str) -> Any:
         raise NotImplementedError
@@ -45,6 +46,10 @@ class Encoder(nn.Module):
         """Everything besides the weights that changes the features; stored in caches."""
         raise NotImplementedError
 
+    def blocks(self) -> list[nn.Module]:
+        """The encoder's stages from input to output; ``finetune --unfreeze top-K`` unfreezes the last K."""
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -53,6 +58,7 @@ class Encoder(nn.Module):
             "dim": self.dim,
             "length": self.length,
             "preprocessing": self.preprocessing(),
+            "options": self.options,
         }
 
     def encode(self, items: list[Any], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +112,9 @@ class PatchImageEncoder(ImageEncoder):
 
     def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"pixels": torch.stack(items)}  # (B, 3, S, S)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.backbone.children())
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feature_map = self.backbone(pixels)  # (B, C, H, W)

@@ -42,9 +42,16 @@ class EfficientNetLiteEncoder(PatchImageEncoder):
         network.set_swish(memory_efficient=False)  # the memory-efficient swish breaks torch.compile and inference_mode
         self.backbone = _LiteFeatureMap(network).eval()
         self.name = name
+        self.options = {"pretrained": weights_path is not None}
         self.image_size = EfficientNet.get_image_size(variant)
         self.mean, self.std = TF_MEAN, TF_STD
         self._set_shape()
+
+    def blocks(self) -> list[torch.nn.Module]:
+        network = self.backbone.network
+        stem = torch.nn.ModuleList([network._conv_stem, network._bn0])
+        head = torch.nn.ModuleList([network._conv_head, network._bn1])
+        return [stem, *network._blocks, head]
 
 
 @register_image_encoder("efficientnet-lite0")

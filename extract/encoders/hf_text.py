@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from extract.dataset import read_text
 from extract.encoders.base import TextEncoder
@@ -45,6 +46,7 @@ class HFTextEncoder(TextEncoder):
         self.model_id = model_id
         self.name = name or model_id
         self.max_tokens = max_tokens
+        self.options = {"max_tokens": max_tokens}
         self.dim = self.model.config.hidden_size
         self.length = max_tokens
 
@@ -61,6 +63,14 @@ class HFTextEncoder(TextEncoder):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rest)
         text_tokens = out.last_hidden_state  # (B, T, D)
         return text_tokens, attention_mask.bool()  # mask (B, T), True = real token
+
+    def blocks(self) -> list[nn.Module]:
+        """Embeddings, then each transformer layer (the longest ModuleList, wherever the model keeps it)."""
+        layers = max(
+            (m for m in self.model.modules() if isinstance(m, nn.ModuleList)), key=len, default=nn.ModuleList()
+        )
+        embeddings = getattr(self.model, "embeddings", None) or self.model.get_input_embeddings()
+        return [embeddings, *layers]
 
     def preprocessing(self) -> dict[str, Any]:
         return {

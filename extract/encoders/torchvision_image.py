@@ -15,6 +15,7 @@ from extract.registry import register_image_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM = "random"  # weights="random": the architecture with random initial weights (tests, speed checks)
 
 
 def _feature_map(model: nn.Module, arch: str) -> nn.Module:
@@ -28,13 +29,16 @@ def _feature_map(model: nn.Module, arch: str) -> nn.Module:
 
 class TorchvisionImageEncoder(PatchImageEncoder):
     def __init__(self, arch: str, *, name: str | None = None, weights: str | None = "DEFAULT", image_size: int = 224):
+        """``weights``: a weights enum name of the model ("DEFAULT", "IMAGENET1K_V2", ...) or "random"/None."""
         super().__init__()
         import torchvision
 
+        if weights in (None, RANDOM):
+            weights = RANDOM
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"unknown torchvision classification model {arch!r}")
         try:
-            model = torchvision.models.get_model(arch, weights=weights)
+            model = torchvision.models.get_model(arch, weights=None if weights == RANDOM else weights)
         except (OSError, RuntimeError) as error:  # URLError is an OSError
             raise EncoderUnavailableError(
                 f"cannot load image encoder {arch!r} with weights {weights!r}: the download failed "
@@ -42,15 +46,15 @@ class TorchvisionImageEncoder(PatchImageEncoder):
             ) from error
         self.backbone = _feature_map(model, arch).eval()
         self.name = name or arch
-        self.weights = weights
+        self.options = {"weights": weights, "image_size": image_size}
         self.image_size = image_size
-        transforms = torchvision.models.get_model_weights(arch)[weights].transforms() if weights else None
+        transforms = None if weights == RANDOM else torchvision.models.get_model_weights(arch)[weights].transforms()
         self.mean = tuple(transforms.mean) if transforms is not None else IMAGENET_MEAN
         self.std = tuple(transforms.std) if transforms is not None else IMAGENET_STD
         self._set_shape()
 
 
 @register_image_encoder("resnet50")
-def resnet50(weights: str | None = "DEFAULT") -> TorchvisionImageEncoder:
+def resnet50(weights: str | None = "DEFAULT", image_size: int = 224) -> TorchvisionImageEncoder:
     """The design card's image encoder: ResNet-50, 7×7 patches × 2048 channels at 224 px."""
-    return TorchvisionImageEncoder("resnet50", name="resnet50", weights=weights)
+    return TorchvisionImageEncoder("resnet50", name="resnet50", weights=weights, image_size=image_size)

@@ -24,7 +24,8 @@ from fusion.registry import register_head
 
 def _stack(config: HeadConfig) -> nn.ModuleList:
     return nn.ModuleList(
-        AttentionBlock(config.hidden, config.num_heads, config.dropout, config.norm) for _ in range(config.layers)
+        AttentionBlock(config.hidden, config.num_heads, config.dropout, config.norm, cross=False)
+        for _ in range(config.layers)
     )
 
 

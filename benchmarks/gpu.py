@@ -1,0 +1,122 @@
+"""GPU check: extraction pairs/s and a bf16 finetune with BERT-base- and ResNet-50-sized encoders.
+
+The hub weights cannot be downloaded on the GPU machine, so both encoders are the real
+architectures with random weights (speed does not depend on the weights): a default
+``BertConfig`` (bert-base-uncased's shape and vocabulary) and torchvision ``resnet50``.
+
+    python -m benchmarks.gpu --data DIR --tokenizer DIR [--steps 300] [--out results.json]
+
+Prints a table and writes the figures as JSON. ``--tiny`` runs the same path with small
+models on the CPU, to check the script before spending GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from extract.device import resolve_device
+from extract.registry import create_image_encoder, create_text_encoder
+from extract.run import data_guids, extract_features
+from fusion.finetune import FinetuneConfig, finetune_run
+
+
+def random_bert(tokenizer_dir: Path, folder: Path, tiny: bool) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tiny:
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=37)
+    else:
+        config = BertConfig(vocab_size=len(tokenizer))  # bert-base-uncased: 12 layers, 768 wide, 110 M parameters
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def fill_missing_images(data_dir: Path) -> int:
+    """Give guids without an image a copy of a present one, in turn; returns how many were filled.
+
+    The GPU machine receives the working tree through a 64 MiB limit, so only a subset of
+    the real JPEGs travels; reusing them keeps the decode cost per pair realistic.
+    """
+    present = sorted((data_dir / "data").glob("*.jpg"))
+    missing = [g for g in data_guids(data_dir) if not (data_dir / "data" / f"{g}.jpg").exists()]
+    for index, guid in enumerate(missing):
+        shutil.copyfile(present[index % len(present)], data_dir / "data" / f"{guid}.jpg")
+    return len(missing)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with a BERT uncased tokenizer")
+    parser.add_argument("--steps", type=int, default=300, help="finetune optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--extract-batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tiny", action="store_true", help="small models, to check the script on a CPU")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--fill-missing-images", action="store_true", help="reuse present images for missing ones")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    results: dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+    }
+    if args.fill_missing_images:
+        results["images_reused"] = fill_missing_images(args.data)
+    guids = data_guids(args.data)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        text = create_text_encoder(str(random_bert(args.tokenizer, scratch / "bert", args.tiny)), max_tokens=64)
+        image = create_image_encoder("tv:resnet18" if args.tiny else "resnet50", weights="random")
+        for encoder in (text, image):
+            started = time.perf_counter()
+            summary = extract_features(encoder, args.data, scratch / "cache", guids=guids,
+                                       batch_size=args.extract_batch_size, device=device, num_workers=args.workers)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            results[f"extract_{encoder.kind}"] = {
+                "encoder": "bert-base (random)" if encoder.kind == "text" and not args.tiny else encoder.name,
+                "pairs": summary.encoded, "seconds": round(seconds, 1),
+                "pairs_per_s": round(summary.encoded / seconds, 1),
+                "cache_mb": round(summary.path.stat().st_size / 2**20, 1),
+            }
+            encoder.cpu()
+        for precision, steps in (("bf16", args.steps), ("fp16", max(args.steps // 10, 2))):
+            config = FinetuneConfig(epochs=1, batch_size=args.batch_size, unfreeze="all", precision=precision,
+                                    max_steps_per_epoch=steps, warmup=0.05)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            metrics = finetune_run(args.data, scratch / f"finetune-{precision}", config, device=device,
+                                   encoders=(text, image), workers=args.workers, progress=False)
+            seconds = time.perf_counter() - started
+            history = json.loads((scratch / f"finetune-{precision}" / "metrics.json").read_text())
+            results[f"finetune_{precision}"] = {
+                "steps": history["history"][0]["train_steps"], "batch_size": args.batch_size,
+                "train_seconds": round(history["history"][0]["train_seconds"], 1),
+                "steps_per_s": round(history["history"][0]["train_steps"] / history["history"][0]["train_seconds"], 2),
+                "seconds_with_validation": round(seconds, 1),
+                "val_pairs": history["val_size"], "val_macro_f1": round(metrics["macro_f1"], 4),
+                "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+            }
+    print(json.dumps(results, indent=2))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
