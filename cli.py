@@ -191,5 +191,84 @@ def predict(
     ))
 
 
+@app.command()
+@_one_line_errors
+def finetune(
+    out: Path = typer.Option(..., "--out", help="Run folder to create (or to continue with --resume)."),
+    data: Path = DataOption,
+    from_run: Path | None = typer.Option(
+        None, "--from-run", help="Start from a head trained by fit: reuses its head, encoders and validation split."
+    ),
+    text_encoder: str = TextEncoderOption,
+    image_encoder: str = ImageEncoderOption,
+    head: str = typer.Option("cross-attention", help="Fusion head when not starting --from-run."),
+    unfreeze: str = typer.Option("top-2", help="Encoder blocks to train: all | none | top-K (the last K of each)."),
+    epochs: int = typer.Option(3, min=1),
+    patience: int = typer.Option(2, min=1, help="Epochs without a better validation macro-F1 before stopping."),
+    batch_size: int = typer.Option(16, min=1),
+    grad_accum: int = typer.Option(1, min=1, help="Optimiser step every N batches."),
+    head_lr: float = typer.Option(3e-4),
+    encoder_lr: float = typer.Option(3e-5, help="Top text block and image encoder; lower text blocks decay from it."),
+    layer_decay: float = typer.Option(0.8, help="Text block i from the top learns at encoder_lr · decay^i."),
+    warmup: float = typer.Option(0.1, help="Share of steps spent warming up, then cosine/linear decay."),
+    schedule: str = typer.Option("cosine", help="cosine | linear."),
+    augment: bool = typer.Option(False, "--augment", help="Random resized crop, flip and colour jitter in training."),
+    class_weights: bool = typer.Option(False, "--class-weights"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast; a grad scaler for fp16)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA)."),
+    max_steps_per_epoch: int | None = typer.Option(None, min=1, help="Cap on optimiser steps per epoch."),
+    seed: int = typer.Option(0),
+    val_fraction: float = typer.Option(0.1, help="Used only without --from-run."),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
+    workers: int | None = typer.Option(None, min=0, help="Data-loading processes (default: half the CPU cores)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted finetune from its checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty run folder."),
+) -> None:
+    """End-to-end mode: train the encoders (unfrozen blocks) together with a fusion head, on raw pairs."""
+    from extract.device import resolve_device
+    from fusion.finetune import FinetuneConfig, finetune_run
+    from fusion.metrics import format_report
+
+    config = FinetuneConfig(
+        epochs=epochs, patience=patience, batch_size=batch_size, grad_accum=grad_accum, head_lr=head_lr,
+        encoder_lr=encoder_lr, layer_decay=layer_decay, warmup=warmup, schedule=schedule, unfreeze=unfreeze,
+        augment=augment, precision=precision, compile=compile, class_weights=class_weights,
+        max_steps_per_epoch=max_steps_per_epoch, seed=seed, val_fraction=val_fraction,
+    )
+    torch_device = resolve_device(device)
+    if precision == "fp16" and torch_device.type != "cuda":
+        raise typer.BadParameter("fp16 needs CUDA; use bf16 or fp32 on the CPU", param_hint="--precision")
+    started = time.perf_counter()
+    metrics = finetune_run(
+        data, out, config, device=torch_device, from_run=from_run, text_encoder=text_encoder,
+        image_encoder=image_encoder, head=head, resume=resume, overwrite=overwrite, workers=workers,
+    )
+    typer.echo(f"finetuned on {torch_device} in {time.perf_counter() - started:.0f} s; best validation report:")
+    typer.echo(format_report(metrics))
+    typer.echo(f"run folder: {out}")
+
+
+@app.command()
+def pipeline(
+    data: Path = DataOption,
+    cache: Path = CacheOption,
+    run: Path = typer.Option(Path("runs/default"), "--run", help="Run folder of the fitted head (rewritten each run)."),
+    out: Path = typer.Option(Path("submission.csv"), "--out", help="Submission CSV to write."),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda, for extraction."),
+) -> None:
+    """The main job on the embedded defaults: extract (resumable) → fit the default head → write the submission."""
+    shared = ["--data", str(data), "--cache", str(cache)]
+    # Each stage runs as its own command, so every option left out keeps that command's default.
+    for args in (
+        ["extract", *shared, "--device", device],
+        ["fit", *shared, "--out", str(run), "--overwrite"],
+        ["predict", *shared, "--run", str(run), "--out", str(out)],
+    ):
+        typer.secho(f"$ python cli.py {' '.join(args)}", bold=True)
+        code = app(args, standalone_mode=False)
+        if code:
+            raise typer.Exit(code)
+
+
 if __name__ == "__main__":
     sys.exit(app())

@@ -1,0 +1,121 @@
+"""Masked poolings: masked positions are invisible, and an empty row pools to zeros."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion.pooling import POOLINGS, Pool
+
+B, L, D = 4, 7, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP threads only add overhead, and on a busy 2-core machine a lot of it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sequence() -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, D) values and a mask with right padding, a gap in the middle and a late start."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, D, generator=generator)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[0] = True  # all real
+    mask[1, :3] = True  # right padded
+    mask[2, [1, 2, 5]] = True  # holes: first real is 1, last real is 5
+    mask[3, 4] = True  # a single real position
+    return x, mask
+
+
+def make_pool(kind: str) -> Pool:
+    torch.manual_seed(0)
+    return Pool(kind, D)
+
+
+@pytest.mark.parametrize("kind", POOLINGS)
+def test_masked_positions_are_ignored(kind, sequence):
+    x, mask = sequence
+    pool = make_pool(kind)
+    expected = pool(x, mask)  # (B, D)
+    garbage = torch.randn(B, L, D, generator=torch.Generator().manual_seed(1)) * 100 + 50
+    actual = pool(torch.where(mask[..., None], x, garbage), mask)
+    assert actual.shape == (B, D)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", POOLINGS)
+def test_appending_masked_positions_changes_nothing(kind, sequence):
+    x, mask = sequence
+    pool = make_pool(kind)
+    padded = torch.cat([x, torch.full((B, 3, D), 1e4)], dim=1)  # (B, L + 3, D)
+    padded_mask = torch.cat([mask, torch.zeros(B, 3, dtype=torch.bool)], dim=1)  # (B, L + 3)
+    torch.testing.assert_close(pool(padded, padded_mask), pool(x, mask), atol=1e-6, rtol=0)
+
+
+def test_last_picks_the_last_real_token(sequence):
+    x, mask = sequence
+    pooled = make_pool("last")(x, mask)
+    for row, position in enumerate([L - 1, 2, 5, 4]):
+        torch.testing.assert_close(pooled[row], x[row, position])
+
+
+def test_first_picks_the_first_real_token(sequence):
+    x, mask = sequence
+    pooled = make_pool("first")(x, mask)
+    for row, position in enumerate([0, 0, 1, 4]):
+        torch.testing.assert_close(pooled[row], x[row, position])
+
+
+def test_mean_is_the_mean_of_real_positions(sequence):
+    x, mask = sequence
+    pooled = make_pool("mean")(x, mask)
+    for row in range(B):
+        torch.testing.assert_close(pooled[row], x[row][mask[row]].mean(0))
+
+
+def test_max_is_the_max_of_real_positions(sequence):
+    x, mask = sequence
+    x = x - 10  # all negative: a padded zero would win a max that ignored the mask
+    pooled = make_pool("max")(x, mask)
+    for row in range(B):
+        torch.testing.assert_close(pooled[row], x[row][mask[row]].amax(0))
+
+
+def test_attention_is_a_convex_combination_of_real_positions(sequence):
+    x, mask = sequence
+    pool = make_pool("attention")
+    pooled = pool(x, mask)
+    for row in range(B):
+        real = x[row][mask[row]]  # (L_real, D)
+        weights = torch.softmax(real @ pool.query / D**0.5, dim=0)  # (L_real,)
+        torch.testing.assert_close(pooled[row], weights @ real)
+    torch.testing.assert_close(pooled[3], x[3, 4])  # one real position takes all the weight
+
+
+@pytest.mark.parametrize("kind", POOLINGS)
+def test_all_false_row_pools_to_zeros(kind, sequence):
+    x, mask = sequence
+    mask[2] = False
+    x = x.clone().requires_grad_(True)
+    pool = make_pool(kind)
+    pooled = pool(x, mask)
+    assert torch.equal(pooled[2], torch.zeros(D))
+    assert torch.isfinite(pooled).all()
+    pooled.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad[2], torch.zeros(L, D))  # nothing flows into a row with no real position
+
+
+def test_unknown_pooling_lists_the_choices():
+    with pytest.raises(ValueError, match="'median'.*attention"):
+        Pool("median", D)
+
+
+def test_only_attention_pooling_has_parameters():
+    for kind in POOLINGS:
+        assert (len(list(make_pool(kind).parameters())) > 0) == (kind == "attention")
