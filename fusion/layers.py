@@ -48,18 +48,43 @@ class MaskedNorm(nn.Module):
         return out
 
 
+class MaskedAttention(nn.Module):
+    """Multi-head attention of queries over a context whose padding is masked out.
+
+    Written on ``scaled_dot_product_attention`` rather than ``nn.MultiheadAttention``:
+    the latter's packing and transposes cost more than the attention itself at these sizes.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        B, Lq, D = query.shape
+        Lc, H = context.shape[1], self.num_heads
+        q = self.query(query).view(B, Lq, H, D // H).transpose(1, 2)  # (B, H, Lq, D/H)
+        k, v = self.key_value(context).view(B, Lc, 2, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, Lc, D/H)
+        attended = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=context_mask[:, None, None, :]  # (B, 1, 1, Lc), True = attend
+        )  # (B, H, Lq, D/H)
+        return self.out(attended.transpose(1, 2).reshape(B, Lq, D))  # (B, Lq, D)
+
+
 class AttentionBlock(nn.Module):
     """Pre-norm transformer block: queries attend to a context (itself for self-attention), then an MLP."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float, norm: str, cross: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.norm_query = MaskedNorm(norm, dim)
         # Self-attention reuses the normalised queries as keys: only a cross-attention block has a context norm.
         self.norm_context = MaskedNorm(norm, dim) if cross else None
         # No dropout on attention weights: it forces the slow unfused attention path on CPU.
-        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.attention = MaskedAttention(dim, num_heads)
         self.norm_mlp = MaskedNorm(norm, dim)
         # Dropout only on the residual branches: CPU random masks are costly, so they go where they count.
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
@@ -81,7 +106,7 @@ class AttentionBlock(nn.Module):
         safe_mask[~has_context, 0] = True
         q = self.norm_query(query, query_mask)
         kv = q if context is query else self.norm_context(context, safe_mask)
-        attended, _ = self.attention(q, kv, kv, key_padding_mask=~safe_mask, need_weights=False)  # (B, Lq, D)
+        attended = self.attention(q, kv, safe_mask)  # (B, Lq, D)
         attended = attended * has_context[:, None, None].to(attended.dtype)
         x = query + self.dropout(attended)
         x = x + self.dropout(self.mlp(self.norm_mlp(x, query_mask)))  # (B, Lq, D)
