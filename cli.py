@@ -109,7 +109,9 @@ def fit(
     cache: Path = CacheOption,
     text_encoder: str = TextEncoderOption,
     image_encoder: str = ImageEncoderOption,
-    head: str = typer.Option("cross-attention", help="Fusion head: cross-attention | concat | text-only | image-only."),
+    head: str = typer.Option(
+        "cross-attention", help="Fusion head: cross-attention | concat | gated | late | text-only | image-only."
+    ),
     val_fraction: float = typer.Option(0.1, help="Stratified share of train.txt held out for validation."),
     seed: int = typer.Option(0, help="Seeds the split, the initialisation and the batch order."),
     epochs: int = typer.Option(30, min=1, help="Most epochs; early stopping on validation macro-F1 ends sooner."),
@@ -120,6 +122,13 @@ def fit(
     loss: str = typer.Option("ce", help="ce | focal."),
     class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency."),
     label_smoothing: float = typer.Option(0.0),
+    balanced_sampling: bool = typer.Option(
+        False, "--balanced-sampling", help="Draw training rows class-balanced (probability ∝ 1 / class count)."
+    ),
+    logit_adjustment: bool = typer.Option(
+        False, "--logit-adjustment", help="Subtract τ·log prior from the logits, τ tuned on validation; predict too."
+    ),
+    modalities: str = typer.Option("both", help="both | text | image: mask the other modality out (ablation)."),
     hidden: int | None = typer.Option(None, help="Head hidden size D (default 128)."),
     num_heads: int | None = typer.Option(None, help="Attention heads (default 4)."),
     layers: int | None = typer.Option(None, help="Attention blocks per branch (default 1)."),
@@ -133,11 +142,12 @@ def fit(
     """Stage two: train a fusion head on the cached features and report validation metrics."""
     from fusion.config import FitConfig
     from fusion.metrics import format_report
-    from fusion.run import fit_run
+    from fusion.run import fit_run, read_metrics
 
     fit_config = FitConfig(
         head=head, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
+        balanced_sampling=balanced_sampling, logit_adjustment=logit_adjustment, modalities=modalities,
     ).validate()
     head_options = {
         key: value
@@ -151,11 +161,14 @@ def fit(
         data, cache, out, fit_config, head_options, text_encoder=text_encoder, image_encoder=image_encoder,
         overwrite=overwrite,
     )
+    metrics = read_metrics(out)
+    tau = metrics.get("logit_adjustment", {}).get("tau")
     typer.echo(
         f"{head}: best epoch {trainer.best_epoch_} of {len(trainer.history_)}, fit in {trainer.fit_seconds_:.1f} s; "
-        "validation report:"
+        + (f"logit adjustment τ={tau} (tuned on validation); " if tau is not None else "")
+        + "validation report:"
     )
-    typer.echo(format_report(trainer.val_metrics_))
+    typer.echo(format_report(metrics["validation"]))
     typer.echo(f"run folder: {out}")
 
 
@@ -246,6 +259,81 @@ def finetune(
     typer.echo(f"finetuned on {torch_device} in {time.perf_counter() - started:.0f} s; best validation report:")
     typer.echo(format_report(metrics))
     typer.echo(f"run folder: {out}")
+
+
+FoldsOption = typer.Option(
+    1, "--folds", min=1, help="Stratified K-fold cross-validation of train.txt (1 = one hold-out split)."
+)
+JobsOption = typer.Option(1, "--jobs", min=1, help="Configurations fitted in parallel worker processes.")
+SplitSeedOption = typer.Option(0, "--split-seed", help="Seeds the split: every configuration sees the same folds.")
+SetOption = typer.Option(
+    [], "--set", help="key=v1,v2 (repeatable): values of a fit or head option (FitConfig/HeadConfig field)."
+)
+
+
+@app.command()
+@_one_line_errors
+def sweep(
+    out: Path = typer.Option(..., "--out", help="Sweep folder to create: leaderboard.csv|md|png, report.md, runs/."),
+    grid: Path | None = typer.Option(
+        None, "--grid", help="YAML/JSON grid: option → list of values, or a list of such mappings (joined)."
+    ),
+    sets: list[str] = SetOption,
+    folds: int = FoldsOption,
+    jobs: int = JobsOption,
+    split_seed: int = SplitSeedOption,
+    data: Path = DataOption,
+    cache: Path = CacheOption,
+    text_encoder: str = TextEncoderOption,
+    image_encoder: str = ImageEncoderOption,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty sweep folder."),
+) -> None:
+    """Fit every combination of a grid on the cached features (loaded once) and rank them on validation macro-F1.
+
+    Options not in the grid keep the defaults of fit; --set overrides the grid file's values.
+    """
+    from fusion.sweep import SweepOptions, build_grids, markdown_table, sweep_from_cache
+
+    if grid is None and not sets:
+        raise typer.BadParameter("give a --grid file and/or --set key=v1,v2 options", param_hint="--grid/--set")
+    _, rows = sweep_from_cache(
+        data, cache, out, build_grids(grid, sets), SweepOptions(folds, jobs, split_seed),
+        text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,
+    )
+    typer.echo(markdown_table(rows, folds))
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+@_one_line_errors
+def ablate(
+    out: Path = typer.Option(..., "--out", help="Folder to create (a sweep folder: leaderboard, report, runs/)."),
+    head: str = typer.Option("cross-attention", help="The head to ablate (any registered head)."),
+    sets: list[str] = typer.Option(
+        [], "--set", help="key=value (repeatable): a fit or head option held fixed in all three rows."
+    ),
+    folds: int = typer.Option(5, "--folds", min=2, help="Stratified K-fold cross-validation of train.txt."),
+    jobs: int = JobsOption,
+    split_seed: int = SplitSeedOption,
+    data: Path = DataOption,
+    cache: Path = CacheOption,
+    text_encoder: str = TextEncoderOption,
+    image_encoder: str = ImageEncoderOption,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty folder."),
+) -> None:
+    """The seed's ablation table — text only, image only, text + image — for one head, K-fold mean ± std.
+
+    Each row retrains the same head with the same options on the same folds; only the input differs:
+    the left-out modality is masked out (modalities=text|image), so it never reaches the logits.
+    """
+    from fusion.sweep import SweepOptions, ablation_grid, ablation_table, build_grids, sweep_from_cache
+
+    trials, rows = sweep_from_cache(
+        data, cache, out, ablation_grid(head, build_grids(None, sets)[0]), SweepOptions(folds, jobs, split_seed),
+        text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,
+    )
+    typer.echo(f"ablation of {head} ({folds}-fold validation, mean ± std):")
+    typer.echo(ablation_table(rows, trials, folds))
 
 
 @app.command()

@@ -6,7 +6,8 @@ CLI name and the name stored in caches and run folders.
 
 Names outside the registry still work where a library can resolve them: a Hugging
 Face model id or local folder as ``hf:<id>`` (or a plain existing folder) for text,
-and any torchvision classification backbone as ``tv:<name>`` for images.
+any torchvision classification backbone as ``tv:<name>`` for images, and a CLIP
+checkpoint (hub id or local folder) as ``clip:<id>`` for either side.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _drop_none(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def create_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
     import extract.encoders  # noqa: F401  (importing registers the built-in encoders)
+    from extract.encoders.clip import CLIPTextEncoder
     from extract.encoders.hf_text import HFTextEncoder
 
     kwargs = _drop_none(kwargs)
@@ -54,16 +56,19 @@ def create_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
         return TEXT_ENCODERS[name](**kwargs)
     if name.startswith("hf:"):
         return HFTextEncoder(name[3:], name=name, **kwargs)
+    if name.startswith("clip:"):
+        return CLIPTextEncoder(name[5:], name=name, **kwargs)
     if Path(name).is_dir():
         return HFTextEncoder(name, name=name, **kwargs)
     raise ValueError(
         f"unknown text encoder {name!r}; choose one of {sorted(TEXT_ENCODERS)}, "
-        "'hf:<model id>' for any Hugging Face model, or a local model folder"
+        "'hf:<model id>' for any Hugging Face model, 'clip:<model id>' for a CLIP checkpoint, or a local model folder"
     )
 
 
 def create_image_encoder(name: str, **kwargs: Any) -> ImageEncoder:
     import extract.encoders  # noqa: F401  (importing registers the built-in encoders)
+    from extract.encoders.clip import CLIPImageEncoder
     from extract.encoders.torchvision_image import TorchvisionImageEncoder
 
     kwargs = _drop_none(kwargs)
@@ -71,9 +76,11 @@ def create_image_encoder(name: str, **kwargs: Any) -> ImageEncoder:
         return IMAGE_ENCODERS[name](**kwargs)
     if name.startswith("tv:"):
         return TorchvisionImageEncoder(name[3:], name=name, **kwargs)
+    if name.startswith("clip:"):
+        return CLIPImageEncoder(name[5:], name=name, **kwargs)
     raise ValueError(
-        f"unknown image encoder {name!r}; choose one of {sorted(IMAGE_ENCODERS)} "
-        "or 'tv:<name>' for any torchvision classification backbone"
+        f"unknown image encoder {name!r}; choose one of {sorted(IMAGE_ENCODERS)}, "
+        "'tv:<name>' for any torchvision classification backbone or 'clip:<model id>' for a CLIP checkpoint"
     )
 
 

@@ -13,6 +13,7 @@ from fusion.layers import NORMS, POSITIONS
 from fusion.pooling import POOLINGS
 
 LOSSES = ("ce", "focal")
+MODALITIES = ("both", "text", "image")  # what the head sees; the other modality's mask is all False
 
 
 @dataclass
@@ -61,6 +62,9 @@ class FitConfig:
     class_weights: bool = False  # weight the loss by inverse class frequency
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
+    balanced_sampling: bool = False  # draw training rows with probability ∝ 1 / class count (with replacement)
+    logit_adjustment: bool = False  # subtract τ·log prior from the logits, τ tuned on validation (calibration.py)
+    modalities: str = "both"  # both | text | image: the ablation masks the other modality out, in fit and predict
     val_fraction: float = 0.1  # stratified share of train.txt held out for validation
     seed: int = 0  # seeds the split, the initialisation and the batch order
 
@@ -71,6 +75,8 @@ class FitConfig:
             raise ValueError(f"unknown head {self.head!r}; choose one of {head_names()}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not one of {list(LOSSES)}")
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"modalities={self.modalities!r} is not one of {list(MODALITIES)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("epochs", "batch_size", "patience"):

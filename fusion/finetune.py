@@ -93,7 +93,7 @@ def set_trainable(model: PairModel, unfreeze: str) -> dict[str, list[nn.Module]]
     for kind, encoder in (("text", model.text_encoder), ("image", model.image_encoder)):
         encoder.requires_grad_(False)
         blocks = encoder.blocks()
-        chosen = blocks if top is None else blocks[len(blocks) - top :] if top else []
+        chosen = blocks if top is None else blocks[max(len(blocks) - top, 0) :] if top else []  # K past the count: all
         if top is None:
             encoder.requires_grad_(True)
         for block in chosen:
@@ -252,6 +252,7 @@ def finetune_run(
         )
         prepare_run_dir(out, overwrite)
         write_json(out / CONFIG_FILE, run_config)
+    torch.manual_seed(config.seed)  # before the head is built, so the same seed starts from the same head
     model = PairModel(text, image, create_head(run_config["fit"]["head"], from_dict(HeadConfig, run_config["head"])))
     if from_run is not None and not resume:
         model.head.load_state_dict(torch.load(Path(from_run) / WEIGHTS_FILE, map_location="cpu", weights_only=True))

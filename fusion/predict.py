@@ -1,4 +1,8 @@
-"""Predictions from a run folder: the submission file, or one new post encoded on the fly."""
+"""Predictions from a run folder: the submission file, or one new post encoded on the fly.
+
+A ``fit`` run's head reads the cached features; a ``finetune`` run trained its encoders
+too, so its whole model (encoders and head, from ``model.pt``) runs on the raw pairs.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ import torch
 
 from extract.cache import check_identity
 from extract.dataset import LABELS, load_image, read_split
-from extract.registry import create_encoder
-from fusion.features import load_pair_features
-from fusion.run import load_head
-from fusion.train import predict_proba
+from extract.device import resolve_device
+from fusion.config import HeadConfig, from_dict
+from fusion.features import PairFeatures, load_pair_features
+from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
+from fusion.registry import create_head
+from fusion.run import WEIGHTS_FILE, load_head, predict_run, read_config
 
 
 def write_submission(path: Path, guids: list[str], predictions: np.ndarray) -> None:
@@ -30,37 +36,63 @@ def write_submission(path: Path, guids: list[str], predictions: np.ndarray) -> N
     os.replace(tmp, path)
 
 
+def load_finetuned(run_dir: Path, config: dict[str, Any]) -> PairModel:
+    """Encoders and head of a finetune run, with the weights it trained (model.pt holds all three)."""
+    text, image = build_encoders(config["encoders"])
+    model = PairModel(text, image, create_head(config["fit"]["head"], from_dict(HeadConfig, config["head"]).validate()))
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {WEIGHTS_FILE}; the finetune did not finish an epoch")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 def predict_submission(run_dir: Path, data_dir: Path, cache_root: Path, out: Path) -> np.ndarray:
-    """Label every row of ``test_without_label.txt`` from the cached features; returns the probabilities."""
-    model, config = load_head(run_dir)
+    """Label every row of ``test_without_label.txt``; returns the probabilities (N, C).
+
+    A fit run reads the cached features; a finetune run encodes the raw pairs with its own encoders.
+    """
     guids = [row.guid for row in read_split(data_dir, "test")]
+    config = read_config(run_dir)
+    if config.get("kind") == "finetune":
+        model = load_finetuned(run_dir, config)
+        device = resolve_device("auto")
+        probabilities = predict_raw(model.to(device), RawPairs(model, data_dir, guids), device=device).numpy()
+        write_submission(out, guids, probabilities.argmax(1))
+        return probabilities
+    model, config = load_head(run_dir)
     encoders = config["encoders"]
     features, _ = load_pair_features(
         cache_root, data_dir, guids, encoders["text"]["encoder"], encoders["image"]["encoder"], expected=encoders
     )
-    probabilities = predict_proba(model, features)  # (N, C)
+    probabilities = predict_run(run_dir, model, config, features)  # (N, C)
     write_submission(out, guids, probabilities.argmax(1))
     return probabilities
 
 
 def load_encoders(descriptions: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Rebuild the run's encoders by name and check they are the ones its head was trained on."""
-    encoders = {}
-    for kind, description in descriptions.items():
-        options = {"max_tokens": description["preprocessing"]["max_tokens"]} if kind == "text" else {}
-        encoder = create_encoder(kind, description["encoder"], **options).eval()
-        check_identity(Path(f"<{kind} encoder {description['encoder']}>"), encoder.describe(), description)
-        encoders[kind] = encoder
+    """Rebuild the run's encoders from their recorded options and check they are the ones its head was trained on."""
+    encoders = dict(zip(("text", "image"), build_encoders(descriptions)))
+    for kind, encoder in encoders.items():
+        check_identity(Path(f"<{kind} encoder {encoder.name}>"), encoder.eval().describe(), descriptions[kind])
     return encoders
 
 
 @torch.inference_mode()
 def predict_post(run_dir: Path, text: str, image: Path) -> dict[str, float]:
     """Class probabilities of one post; the encoders run here, no cache needed."""
+    config = read_config(run_dir)
+    if config.get("kind") == "finetune":
+        model = load_finetuned(run_dir, config)
+        text_inputs = model.text_encoder.collate([" ".join(text.split())])
+        pixels = model.image_encoder.pixels(load_image(Path(image), "<post>"))[None]  # (1, 3, S, S)
+        probabilities = torch.softmax(model(text_inputs, pixels), dim=-1)[0]  # (C,)
+        return {label: float(p) for label, p in zip(LABELS, probabilities)}
     model, config = load_head(run_dir)
     encoders = load_encoders(config["encoders"])
     text_tokens, text_mask = encoders["text"].encode([" ".join(text.split())])  # (1, T, D_text), (1, T)
     image_encoder = encoders["image"]
     image_patches, image_mask = image_encoder.encode([image_encoder.pixels(load_image(Path(image), "<post>"))])
-    probabilities = torch.softmax(model(text_tokens, text_mask, image_patches, image_mask), dim=-1)[0]
+    post = PairFeatures(["<post>"], text_tokens, text_mask, image_patches, image_mask)
+    probabilities = predict_run(run_dir, model, config, post)[0]  # (C,)
     return {label: float(p) for label, p in zip(LABELS, probabilities)}

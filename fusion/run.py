@@ -2,7 +2,8 @@
 
 A run folder holds ``config.json`` (head, training options, encoders and their cache
 descriptions, the split), ``model.pt`` (head weights), ``metrics.json`` (validation
-report and per-epoch history), ``confusion_matrix.csv`` and ``report.txt``.
+report and per-epoch history; the tuned logit adjustment when asked for), ``confusion_matrix.csv``,
+``report.txt``, and the figures ``curves.png`` and ``confusion_matrix.png``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,14 @@ import numpy as np
 import torch
 
 from extract.dataset import LABEL_TO_ID, LABELS, read_split
-from fusion.config import FitConfig, HeadConfig, from_dict
-from fusion.features import load_pair_features
-from fusion.metrics import format_report
+from fusion.calibration import ADJUSTMENT_KEY, LogitAdjustment, log_prior, stored_adjustment, tune_tau
+from fusion.config import MODALITIES, FitConfig, HeadConfig, from_dict
+from fusion.features import PairFeatures, load_pair_features
+from fusion.metrics import evaluate, format_report
+from fusion.plots import CONFUSION_FILE, CURVES_FILE, plot_confusion, plot_curves
 from fusion.registry import create_head
 from fusion.split import stratified_split
-from fusion.train import HeadTrainer
+from fusion.train import HeadTrainer, predict_proba
 
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.pt", "metrics.json"
 
@@ -55,6 +59,53 @@ def labelled_rows(data_dir: Path) -> tuple[list[str], np.ndarray]:
     return [r.guid for r in rows], np.array([LABEL_TO_ID[r.tag] for r in rows], dtype=np.int64)
 
 
+@dataclass
+class LabelledFeatures:
+    """Every labelled pair of train.txt with its cached features, loaded once: a sweep fits many heads on it."""
+
+    data_dir: Path
+    guids: list[str]
+    labels: np.ndarray  # (N,) class ids, in train.txt order
+    features: PairFeatures  # (N, …) rows in the same order
+    descriptions: dict[str, dict[str, Any]]  # the text and image caches' descriptions
+
+    def head_config(self, head_options: dict[str, Any]) -> HeadConfig:
+        """The head's config: sizes from the caches, the rest from ``head_options``."""
+        return HeadConfig(
+            text_dim=self.descriptions["text"]["dim"], image_dim=self.descriptions["image"]["dim"],
+            image_length=self.descriptions["image"]["length"], num_classes=len(LABELS), **head_options,
+        ).validate()
+
+
+@dataclass
+class RunResult:
+    trainer: HeadTrainer  # the fitted trainer (model_, history_, best_epoch_, fit_seconds_)
+    validation: dict[str, Any]  # validation report after the logit adjustment (= the trainer's without it)
+    adjustment: LogitAdjustment  # τ = 0 unless the fit config asked for logit adjustment
+    val_probabilities: np.ndarray  # (N_val, C) before the adjustment
+    parameters: int  # number of head parameters
+
+
+def load_labelled(data_dir: Path, cache_root: Path, *, text_encoder: str, image_encoder: str) -> LabelledFeatures:
+    guids, labels = labelled_rows(data_dir)
+    features, descriptions = load_pair_features(cache_root, data_dir, guids, text_encoder, image_encoder)
+    return LabelledFeatures(Path(data_dir), guids, labels, features, descriptions)
+
+
+def with_modalities(features: PairFeatures, modalities: str) -> PairFeatures:
+    """The features a head trained on ``modalities`` sees: the other modality's mask is all False.
+
+    Heads ignore masked positions (tests/test_heads.py pins it), so the masked modality never reaches the logits.
+    """
+    if modalities not in MODALITIES:
+        raise ValueError(f"modalities={modalities!r} is not one of {list(MODALITIES)}")
+    if modalities == "text":
+        return dataclasses.replace(features, image_mask=torch.zeros_like(features.image_mask))
+    if modalities == "image":
+        return dataclasses.replace(features, text_mask=torch.zeros_like(features.text_mask))
+    return features
+
+
 def fit_run(
     data_dir: Path,
     cache_root: Path,
@@ -69,42 +120,89 @@ def fit_run(
 ) -> HeadTrainer:
     """Split train.txt, train the head on cached features, and write the run folder."""
     fit_config.validate()
-    guids, labels = labelled_rows(data_dir)
-    features, descriptions = load_pair_features(cache_root, data_dir, guids, text_encoder, image_encoder)
-    head_config = HeadConfig(
-        text_dim=descriptions["text"]["dim"], image_dim=descriptions["image"]["dim"],
-        image_length=descriptions["image"]["length"], num_classes=len(LABELS), **head_options,
-    ).validate()
+    labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
+    train_rows, val_rows = stratified_split(labelled.labels, fit_config.val_fraction, fit_config.seed)
+    return fit_rows(
+        labelled, out, fit_config, head_options, train_rows, val_rows, overwrite=overwrite, progress=progress
+    ).trainer
+
+
+def fit_rows(
+    labelled: LabelledFeatures,
+    out: Path,
+    fit_config: FitConfig,
+    head_options: dict[str, Any],
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    *,
+    split: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+) -> RunResult:
+    """Train the head on ``train_rows`` of loaded features, select on ``val_rows``, and write the run folder.
+
+    ``split`` describes where the rows came from (e.g. a fold of a sweep) for config.json.
+    """
+    fit_config.validate()
+    head_config = labelled.head_config(head_options)
     out = prepare_run_dir(out, overwrite)
-    train_rows, val_rows = stratified_split(labels, fit_config.val_fraction, fit_config.seed)
+    labels, guids = labelled.labels, labelled.guids
     config = {
         "kind": "fit",
         "labels": list(LABELS),
         "fit": dataclasses.asdict(fit_config),
         "head": dataclasses.asdict(head_config),
-        "encoders": descriptions,
-        "data_dir": str(Path(data_dir).resolve()),
+        "encoders": labelled.descriptions,
+        "data_dir": str(labelled.data_dir.resolve()),
         "val_guids": [guids[r] for r in val_rows],
-    }
+    } | ({"split": split} if split else {})
     write_json(out / CONFIG_FILE, config)  # first, so a crashed run still says what it was
+    features = with_modalities(labelled.features, fit_config.modalities)
+    val = features.subset(val_rows)
     trainer = HeadTrainer(fit_config, head_config).fit(
-        features.subset(train_rows), labels[train_rows], features.subset(val_rows), labels[val_rows],
-        progress=progress,
+        features.subset(train_rows), labels[train_rows], val, labels[val_rows], progress=progress,
+    )
+    val_probabilities = predict_proba(trainer.model_, val)  # (N_val, C)
+    adjustment, validation = LogitAdjustment(), trainer.val_metrics_
+    if fit_config.logit_adjustment:
+        prior = log_prior(labels[train_rows], head_config.num_classes)
+        adjustment = tune_tau(val_probabilities, labels[val_rows], prior)
+        validation = evaluate(labels[val_rows], adjustment.apply(val_probabilities).argmax(1))
+    result = RunResult(
+        trainer, validation, adjustment, val_probabilities, sum(p.numel() for p in trainer.model_.parameters())
     )
     torch.save(trainer.model_.state_dict(), out / WEIGHTS_FILE)
     write_json(out / METRICS_FILE, {
-        "validation": trainer.val_metrics_, "best_epoch": trainer.best_epoch_,
+        "validation": validation, "best_epoch": trainer.best_epoch_,
         "fit_seconds": trainer.fit_seconds_, "history": trainer.history_,
-        "train_size": len(train_rows), "val_size": len(val_rows),
-        "parameters": sum(p.numel() for p in trainer.model_.parameters()),
-    })
-    matrix = trainer.val_metrics_["confusion_matrix"]
+        "train_size": len(train_rows), "val_size": len(val_rows), "parameters": result.parameters,
+    } | ({ADJUSTMENT_KEY: dataclasses.asdict(adjustment), "validation_unadjusted": trainer.val_metrics_}
+         if fit_config.logit_adjustment else {}))
+    matrix = validation["confusion_matrix"]
     (out / "confusion_matrix.csv").write_text(
         "true\\predicted," + ",".join(LABELS) + "\n"
         + "".join(f"{label}," + ",".join(map(str, row)) + "\n" for label, row in zip(LABELS, matrix))
     )
-    (out / "report.txt").write_text(format_report(trainer.val_metrics_) + "\n")
-    return trainer
+    (out / "report.txt").write_text(format_report(validation) + "\n")
+    if plots:
+        plot_curves(trainer.history_, trainer.best_epoch_, out / CURVES_FILE)
+        plot_confusion(matrix, list(LABELS), out / CONFUSION_FILE, title=f"validation, {fit_config.head}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE}; the fit did not finish")
+    return json.loads(path.read_text())
+
+
+def predict_run(run_dir: Path, model: torch.nn.Module, config: dict[str, Any], features: PairFeatures) -> np.ndarray:
+    """Probabilities (N, C) as the fitted run predicts: its modalities only, its logit adjustment applied."""
+    modalities = from_dict(FitConfig, config["fit"]).modalities
+    probabilities = predict_proba(model, with_modalities(features, modalities))  # (N, C)
+    return stored_adjustment(read_metrics(run_dir)).apply(probabilities)
 
 
 def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

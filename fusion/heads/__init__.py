@@ -1,3 +1,3 @@
 """Built-in fusion heads; importing a module registers its names."""
 
-from fusion.heads import cross_attention, pooled  # noqa: F401
+from fusion.heads import cross_attention, gated, late, pooled  # noqa: F401

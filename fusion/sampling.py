@@ -1,0 +1,20 @@
+"""Order of the training rows in one epoch: a shuffle, or class-balanced draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def epoch_order(labels: np.ndarray, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+    """Row indices (N,) of one epoch, drawn from ``generator``.
+
+    Plain: a permutation, each row once. Balanced: N draws with replacement, each row with
+    probability ∝ 1 / its class count, so every class is drawn equally often in expectation
+    (rare rows repeat, frequent rows are left out more often).
+    """
+    if not balanced:
+        return torch.randperm(len(labels), generator=generator)
+    counts = np.bincount(labels)  # (C,)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)  # (N,)
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator)

@@ -1,0 +1,456 @@
+"""Sweeps: fit every combination of a grid of ``fit`` options on features loaded once, ranked on validation.
+
+A grid maps option names (fields of ``FitConfig`` and ``HeadConfig``) to lists of values;
+a grid file may also hold a list of such mappings, whose combinations are joined. Each
+combination is fitted on every fold of a seeded stratified K-fold split of train.txt
+(or on one stratified hold-out split when K = 1), and the leaderboard ranks the
+configurations by mean validation macro-F1. Every fit writes a normal run folder, so any
+row's run can be passed to ``predict``.
+
+Honesty of the scores: everything is selected on validation folds only (early stopping
+included, as in ``fit``). With ``logit_adjustment`` and K ≥ 2 folds, the τ behind a fold's
+score is tuned on the *other* folds' validation predictions (cross-fitted), so no fold
+scores a τ tuned on itself; its run folder keeps the τ tuned on its own validation rows,
+which is what ``predict`` applies.
+
+The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``, ``leaderboard.png``,
+``report.md``, ``sweep.json`` (the grid, options and per-fold scores) and ``runs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from fusion.calibration import log_prior, tune_tau
+from fusion.config import FitConfig, HeadConfig
+from fusion.metrics import evaluate
+from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_leaderboard
+from fusion.run import LabelledFeatures, fit_rows, load_labelled, prepare_run_dir, write_json
+from fusion.split import stratified_folds, stratified_split
+
+CACHE_DERIVED = ("text_dim", "image_dim", "image_length", "num_classes")  # set from the cache, never swept
+FIT_KEYS = tuple(f.name for f in fields(FitConfig))
+HEAD_KEYS = tuple(f.name for f in fields(HeadConfig) if f.name not in CACHE_DERIVED)
+FIELD_TYPES = {f.name: f.type for f in (*fields(FitConfig), *fields(HeadConfig))}  # "int", "float", "bool", "str"
+METRICS = ("macro_f1", "accuracy", "weighted_f1", "neutral_recall")
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+ABLATION_ROWS = {"text": "text only", "image": "image only", "both": "text + image"}
+
+Grid = dict[str, list[Any]]
+
+
+@dataclass
+class SweepOptions:
+    folds: int = 1  # 1 = one stratified hold-out split (val_fraction of each config); K ≥ 2 = stratified K-fold
+    jobs: int = 1  # worker processes fitting in parallel; each gets cpu_count // jobs torch threads
+    split_seed: int = 0  # seeds the split; every configuration is scored on the same rows
+
+    def validate(self) -> SweepOptions:
+        if self.folds < 1:
+            raise ValueError(f"folds must be at least 1, got {self.folds}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {self.jobs}")
+        return self
+
+
+@dataclass
+class Trial:
+    """One configuration of the grid."""
+
+    index: int  # position in grid order (ties in the leaderboard keep it)
+    name: str  # the options that vary across the grid, "key=value …" ("defaults" when none does)
+    options: dict[str, Any]  # every option the grid sets
+    fit_config: FitConfig = field(repr=False)
+    head_options: dict[str, Any] = field(repr=False)
+
+    @property
+    def folder(self) -> str:
+        slug = "".join(c if c.isalnum() or c in "-=._" else "_" for c in self.name.replace(" ", "__"))
+        return f"{self.index:02d}-{slug}"
+
+
+@dataclass
+class FoldResult:
+    index: int  # the trial's
+    fold: int
+    run: str  # the run folder
+    validation: dict[str, Any]  # the run's validation report (its own τ when logit adjustment is on)
+    val_probabilities: np.ndarray  # (N_val, C) before any logit adjustment
+    fit_seconds: float
+    parameters: int
+    best_epoch: int
+    tau: float
+
+
+# ---------------------------------------------------------------- grids
+
+
+def parse_value(key: str, value: Any) -> Any:
+    """``value`` (a YAML/JSON value or a command-line string) as the type of option ``key``."""
+    if key in CACHE_DERIVED:
+        raise ValueError(f"{key} is set from the cache and cannot be swept")
+    if key not in FIELD_TYPES:
+        raise ValueError(f"unknown sweep key {key!r}; choose from {sorted(FIT_KEYS + HEAD_KEYS)}")
+    kind = FIELD_TYPES[key]
+    if isinstance(value, str) and kind == "bool" and value.strip().lower() in BOOLEANS:
+        return BOOLEANS[value.strip().lower()]
+    if isinstance(value, str) and kind in ("int", "float"):
+        try:
+            value = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not a valid {kind}") from None
+    if kind == "float" and type(value) is int:
+        value = float(value)
+    if type(value) is not {"int": int, "float": float, "bool": bool, "str": str}[kind]:
+        raise ValueError(f"{key}={value!r} is not a valid {kind}")
+    return value
+
+
+def parse_grid_file(path: Path) -> list[Grid]:
+    """Sub-grids of a YAML or JSON file: a mapping ``option: [values]`` or a list of such mappings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: grid file not found")
+    loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    grids = loaded if isinstance(loaded, list) else [loaded]
+    if not grids or not all(isinstance(grid, dict) and grid for grid in grids):
+        raise ValueError(f"{path}: expected a mapping option → list of values, or a list of such mappings")
+    return [{key: _as_list(path, key, values) for key, values in grid.items()} for grid in grids]
+
+
+def _as_list(source: Path | str, key: str, values: Any) -> list[Any]:
+    values = values if isinstance(values, list) else [values]
+    if not values:
+        raise ValueError(f"{source}: option {key!r} has no values")
+    return [parse_value(key, value) for value in values]
+
+
+def parse_set(option: str) -> tuple[str, list[Any]]:
+    """``key=v1,v2`` → (key, typed values)."""
+    key, sep, values = option.partition("=")
+    if not sep or not key.strip() or not values.strip():
+        raise ValueError(f"--set {option!r}: expected key=value[,value…], e.g. --set text_pool=last,mean")
+    return key.strip(), _as_list("--set", key.strip(), values.split(","))
+
+
+def build_grids(grid_file: Path | None, sets: list[str]) -> list[Grid]:
+    """The grid file's sub-grids (one empty grid without a file), each with the ``--set`` options applied."""
+    grids = parse_grid_file(grid_file) if grid_file is not None else [{}]
+    overrides = dict(parse_set(option) for option in sets)
+    return [grid | overrides for grid in grids]
+
+
+def plan_trials(grids: list[Grid]) -> list[Trial]:
+    """Every combination of every sub-grid, in order, duplicates dropped; each config validated now."""
+    combos: list[dict[str, Any]] = []
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            combo = dict(zip(grid, values))
+            if combo not in combos:
+                combos.append(combo)
+    keys = list(dict.fromkeys(key for combo in combos for key in combo))
+    defaults = asdict(FitConfig()) | asdict(HeadConfig())
+    varying = [key for key in keys if len({repr(combo.get(key, defaults[key])) for combo in combos}) > 1]
+    trials = []
+    for index, combo in enumerate(combos):
+        fit_config = FitConfig(**{k: v for k, v in combo.items() if k in FIT_KEYS}).validate()
+        head_options = {k: v for k, v in combo.items() if k in HEAD_KEYS}
+        HeadConfig(**head_options).validate()
+        name = " ".join(f"{key}={combo.get(key, defaults[key])}" for key in varying) or "defaults"
+        trials.append(Trial(index, name, combo, fit_config, head_options))
+    return trials
+
+
+# ---------------------------------------------------------------- fitting
+
+# What the worker processes share with the parent: set before the pool forks, read-only afterwards,
+# so the cached features are loaded once and never pickled.
+_SHARED: dict[str, Any] = {}
+
+
+def _splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> list[tuple[np.ndarray, np.ndarray]]:
+    if options.folds == 1:
+        return [stratified_split(labels, trial.fit_config.val_fraction, options.split_seed)]
+    return stratified_folds(labels, options.folds, options.split_seed)
+
+
+def _fit_fold(task: tuple[Trial, int]) -> FoldResult:
+    trial, fold = task
+    labelled: LabelledFeatures = _SHARED["labelled"]
+    options: SweepOptions = _SHARED["options"]
+    train_rows, val_rows = _splits(labelled.labels, trial, options)[fold]
+    run = _SHARED["out"] / "runs" / trial.folder
+    run = run / f"fold-{fold}" if options.folds > 1 else run
+    result = fit_rows(
+        labelled, run, trial.fit_config, trial.head_options, train_rows, val_rows,
+        split={"folds": options.folds, "fold": fold, "seed": options.split_seed}, progress=False, plots=fold == 0,
+    )
+    return FoldResult(
+        trial.index, fold, str(run), result.validation, result.val_probabilities, result.trainer.fit_seconds_,
+        result.parameters, result.trainer.best_epoch_, result.adjustment.tau,
+    )
+
+
+def fit_trials(
+    labelled: LabelledFeatures,
+    out: Path,
+    trials: list[Trial],
+    options: SweepOptions,
+    echo: Callable[[str], None] = print,
+) -> list[FoldResult]:
+    """Fit every trial on every fold (in ``options.jobs`` processes); results in (trial, fold) order."""
+    tasks = [(trial, fold) for trial in trials for fold in range(options.folds)]
+    _SHARED.update(labelled=labelled, options=options, out=Path(out))
+    results = []
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_SHARED.clear)
+        if options.jobs == 1:
+            outcomes = map(_fit_fold, tasks)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // options.jobs)
+            pool = ProcessPoolExecutor(
+                options.jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
+                initargs=(threads,),
+            )
+            cleanup.callback(pool.shutdown, cancel_futures=True)
+            outcomes = pool.map(_fit_fold, tasks)
+        for done, ((trial, fold), result) in enumerate(zip(tasks, outcomes), start=1):
+            echo(
+                f"[{done}/{len(tasks)}] {trial.name} fold {fold}: macro-F1 {result.validation['macro_f1']:.4f}, "
+                f"neutral recall {metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
+            )
+            results.append(result)
+    return results
+
+
+def metric_of(metrics: dict[str, Any], name: str) -> float:
+    """One of ``METRICS`` from a validation report."""
+    return metrics["per_class"]["neutral"]["recall"] if name == "neutral_recall" else metrics[name]
+
+
+def cross_fitted(results: list[FoldResult], labels: np.ndarray, val_rows: list[np.ndarray],
+                 train_rows: list[np.ndarray], num_classes: int) -> list[dict[str, Any]]:
+    """Validation reports of one trial's folds, each with τ tuned on the other folds' validation predictions."""
+    reports = []
+    for fold, result in enumerate(results):
+        others = [j for j in range(len(results)) if j != fold]
+        probabilities = np.concatenate([results[j].val_probabilities for j in others])  # (N_other, C)
+        adjustment = tune_tau(
+            probabilities, np.concatenate([labels[val_rows[j]] for j in others]),
+            log_prior(labels[train_rows[fold]], num_classes),
+        )
+        adjusted = adjustment.apply(result.val_probabilities)  # (N_val, C)
+        reports.append(evaluate(labels[val_rows[fold]], adjusted.argmax(1)) | {"tau": adjustment.tau})
+    return reports
+
+
+# ---------------------------------------------------------------- leaderboard
+
+
+def leaderboard(
+    trials: list[Trial], results: list[FoldResult], labels: np.ndarray, options: SweepOptions
+) -> list[dict[str, Any]]:
+    """One row per trial, ranked by mean validation macro-F1 (ties keep grid order)."""
+    rows = []
+    for trial in trials:
+        folds = [r for r in results if r.index == trial.index]
+        reports = [r.validation for r in folds]
+        taus = [r.tau for r in folds]
+        if trial.fit_config.logit_adjustment and options.folds > 1:
+            splits = _splits(labels, trial, options)
+            reports = cross_fitted(
+                folds, labels, [val for _, val in splits], [train for train, _ in splits], len(reports[0]["labels"])
+            )
+            taus = [report["tau"] for report in reports]
+        row: dict[str, Any] = {"config": trial.name}
+        for metric in METRICS:
+            values = np.asarray([metric_of(report, metric) for report in reports])
+            row[f"{metric}_mean"] = float(values.mean())
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        row |= {
+            "fit_seconds": float(np.mean([r.fit_seconds for r in folds])),
+            "parameters": folds[0].parameters,
+            "best_epoch": float(np.mean([r.best_epoch for r in folds])),
+            "tau": float(np.mean(taus)),
+            "run": folds[0].run,
+            "index": trial.index,
+        }
+        rows.append(row)
+    rows.sort(key=lambda row: (-row["macro_f1_mean"], row["index"]))
+    return [{"rank": rank, **row} for rank, row in enumerate(rows, start=1)]
+
+
+def _score(row: dict[str, Any], metric: str, folds: int) -> str:
+    mean = f"{row[f'{metric}_mean']:.4f}"
+    return f"{mean} ± {row[f'{metric}_std']:.4f}" if folds > 1 else mean
+
+
+def markdown_table(rows: list[dict[str, Any]], folds: int, first: str = "config") -> str:
+    """The leaderboard as a Markdown table (scores as mean ± std over the folds)."""
+    header = [first, "macro-F1", "accuracy", "weighted-F1", "neutral recall", "fit s", "params", "τ", "run"]
+    lines = ["| # | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for row in rows:
+        cells = [
+            str(row["rank"]), row["config"], *(_score(row, metric, folds) for metric in METRICS),
+            f"{row['fit_seconds']:.1f}", f"{row['parameters']:,}", f"{row['tau']:.2f}", f"`{row['run']}`",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_leaderboard(out: Path, rows: list[dict[str, Any]], folds: int) -> None:
+    columns = [key for key in rows[0] if key != "index"]
+    with (out / "leaderboard.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(
+            {key: f"{value:.6f}" if isinstance(value, float) else value for key, value in row.items()} for row in rows
+        )
+    (out / "leaderboard.md").write_text(markdown_table(rows, folds) + "\n")
+    plot_leaderboard(rows, out / LEADERBOARD_FILE)
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], trials: list[Trial], summary: dict[str, Any]) -> Path:
+    """report.md: what was swept, the leaderboard and its chart, the best run's curves and confusion matrix."""
+    best = rows[0]
+    best_trial = next(trial for trial in trials if trial.index == best["index"])
+    best_run = Path(best["run"]).relative_to(out)
+    folds = summary["folds"]
+    scheme = f"{folds}-fold stratified cross-validation" if folds > 1 else "one stratified hold-out split"
+    lines = [
+        "# Sweep report",
+        "",
+        f"{len(trials)} configurations × {folds} fold(s) fitted in {summary['seconds']:.0f} s on the cached "
+        f"features of `{summary['text_encoder']}` (text) and `{summary['image_encoder']}` (image) "
+        f"from `{summary['data_dir']}`; {scheme} of train.txt (split seed {summary['split_seed']}). "
+        "Scores are validation scores (mean ± sample std over the folds); nothing here saw the test file.",
+        "",
+        "## Leaderboard",
+        "",
+        markdown_table(rows, folds),
+        "",
+        f"![leaderboard]({LEADERBOARD_FILE})",
+        "",
+        f"## Best configuration: `{best['config']}`",
+        "",
+        "Options set by the grid (all others are the defaults of `fit`):",
+        "",
+        "```json",
+        json.dumps(best_trial.options, indent=2),
+        "```",
+        "",
+        f"{'Fold 0' if folds > 1 else 'Its'} run folder `{best_run}` is a normal run: "
+        f"`python cli.py predict --run {best['run']} --out submission.csv` (with the sweep's --data and --cache) "
+        "labels the test file with it.",
+        "",
+        f"![training curves]({best_run / CURVES_FILE})",
+        f"![confusion matrix]({best_run / CONFUSION_FILE})",
+    ]
+    if any(trial.fit_config.logit_adjustment for trial in trials):
+        lines += [
+            "",
+            "Logit adjustment: τ is tuned on validation predictions only. "
+            + ("With K folds, each fold's score uses τ tuned on the other folds' validation predictions "
+               "(column τ: their mean), so no fold is scored with a τ tuned on itself."
+               if folds > 1 else "With one split, τ is tuned on the same validation rows it is scored on, "
+               "so those rows are slightly optimistic."),
+        ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sweep_from_cache(
+    data_dir: Path,
+    cache_root: Path,
+    out: Path,
+    grids: list[Grid],
+    options: SweepOptions,
+    *,
+    text_encoder: str,
+    image_encoder: str,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+) -> tuple[list[Trial], list[dict[str, Any]]]:
+    """Validate every configuration, create ``out``, load the cached features once, fit and rank them.
+
+    Returns the trials and the leaderboard rows (best first).
+    """
+    options.validate()
+    trials = plan_trials(grids)
+    out = prepare_run_dir(out, overwrite)
+    echo(f"{len(trials)} configurations × {options.folds} fold(s); loading the cached features once")
+    labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
+    rows = run_sweep(labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo)
+    return trials, rows
+
+
+def run_sweep(
+    labelled: LabelledFeatures,
+    out: Path,
+    trials: list[Trial],
+    options: SweepOptions,
+    *,
+    text_encoder: str,
+    image_encoder: str,
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Fit the trials on loaded features, then write the leaderboard, report and sweep.json into the folder ``out``."""
+    started = time.perf_counter()
+    results = fit_trials(labelled, out, trials, options, echo)
+    rows = leaderboard(trials, results, labelled.labels, options)
+    summary = asdict(options) | {
+        "seconds": time.perf_counter() - started, "text_encoder": text_encoder, "image_encoder": image_encoder,
+        "data_dir": str(labelled.data_dir),
+    }
+    write_json(out / "sweep.json", summary | {
+        "trials": [{"index": t.index, "name": t.name, "options": t.options, "folder": t.folder} for t in trials],
+        "folds": [
+            {"index": r.index, "fold": r.fold, "run": r.run, "fit_seconds": r.fit_seconds, "tau": r.tau,
+             "best_epoch": r.best_epoch, **{metric: metric_of(r.validation, metric) for metric in METRICS}}
+            for r in results
+        ],
+        "leaderboard": rows,
+    })
+    write_leaderboard(out, rows, options.folds)
+    write_report(out, rows, trials, summary)
+    return rows
+
+
+# ---------------------------------------------------------------- ablation
+
+
+def ablation_grid(head: str, fixed: Grid) -> list[Grid]:
+    """The seed's ablation for ``head``: the same head retrained on text only, image only, and both.
+
+    The left-out modality is masked (``modalities``), so the rows differ in their input only: same
+    architecture, same options, same folds and seeds. ``fixed`` holds one value per option.
+    """
+    for key, values in fixed.items():
+        if key in ("head", "modalities"):
+            raise ValueError(f"the ablation sets {key} itself; choose the head with --head")
+        if len(values) != 1:
+            raise ValueError(f"the ablation takes one value per option, got {key}={values}")
+    return [fixed | {"head": [head], "modalities": list(ABLATION_ROWS)}]
+
+
+def ablation_table(rows: list[dict[str, Any]], trials: list[Trial], folds: int) -> str:
+    """The leaderboard rows in the seed's order (text, image, both), labelled by their input."""
+    inputs = {trial.index: ABLATION_ROWS[trial.fit_config.modalities] for trial in trials}
+    ordered = sorted(rows, key=lambda row: list(ABLATION_ROWS.values()).index(inputs[row["index"]]))
+    return markdown_table([row | {"config": inputs[row["index"]]} for row in ordered], folds, first="input")

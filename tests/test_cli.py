@@ -1,0 +1,240 @@
+"""The command line through typer's CliRunner on the generated data folder with the tiny encoders.
+
+extract → fit (every registered head) → predict end to end, resumable extraction, single-post
+prediction, seeding and run-folder protection, the one-line errors, and ``--help`` of every command.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner, Result
+
+import cli
+from extract.cache import cache_path
+from extract.dataset import LABELS, TEST_FILE, TRAIN_FILE, image_path
+from fusion.registry import head_names
+
+runner = CliRunner()
+MAX_TOKENS = 16
+RUN_FILES = ("config.json", "model.pt", "metrics.json", "confusion_matrix.csv", "report.txt")
+# A tiny head, so that a fit takes a fraction of a second.
+FIT_OPTIONS = ("--epochs", 3, "--hidden", 8, "--num-heads", 2, "--batch-size", 8)
+POST = re.compile(r"(\w+)  positive=([\d.]+)  neutral=([\d.]+)  negative=([\d.]+)")
+
+
+def invoke(*args: object) -> Result:
+    return runner.invoke(cli.app, [str(arg) for arg in args])
+
+
+def succeeded(result: Result) -> Result:
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result: Result, *fragments: str) -> str:
+    """Exit code 1, no traceback, exactly one ``error:`` line, holding every fragment."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def encoders(tiny_text_encoder_dir: Path, tiny_image_encoder_name: str) -> list[str]:
+    """Encoder options of every command, naming the tiny encoders."""
+    return ["--text-encoder", str(tiny_text_encoder_dir), "--image-encoder", tiny_image_encoder_name]
+
+
+@pytest.fixture
+def cached(data_dir: Path, tmp_path: Path, encoders: list[str]) -> list[str]:
+    """Both caches extracted; returns the ``--data --cache`` and encoder options for fit and predict."""
+    shared = ["--data", data_dir, "--cache", tmp_path / "cache"]
+    succeeded(invoke("extract", *shared, *encoders, "--max-tokens", MAX_TOKENS, "--workers", 0))
+    return [*shared, *encoders]
+
+
+def shuffle_test_file(data_dir: Path, guids: list[str]) -> list[str]:
+    """Rewrite test_without_label.txt in an order that is neither the original nor sorted; returns it."""
+    shuffled = [*guids[1::2], *guids[::2]][::-1]
+    assert shuffled not in (guids, sorted(guids))
+    (data_dir / TEST_FILE).write_text("guid,tag\n" + "".join(f"{guid},null\n" for guid in shuffled))
+    return shuffled
+
+
+def read_submission(path: Path) -> list[list[str]]:
+    with path.open(newline="") as handle:
+        return list(csv.reader(handle))
+
+
+@pytest.mark.parametrize("head", head_names())
+def test_extract_fit_predict_end_to_end(head, cached, data_dir, data_spec, tmp_path):
+    run, submission = tmp_path / "run", tmp_path / "sub.csv"
+    fitted = succeeded(invoke("fit", *cached, "--out", run, "--head", head, *FIT_OPTIONS))
+
+    assert all((run / name).is_file() for name in RUN_FILES), sorted(p.name for p in run.iterdir())
+    config, metrics = json.loads((run / "config.json").read_text()), json.loads((run / "metrics.json").read_text())
+    assert config["fit"]["head"] == head and config["head"]["hidden"] == 8
+    # The printed report is the validation report of metrics.json: macro-F1 and every class's recall.
+    validation = metrics["validation"]
+    assert f"macro-F1 {validation['macro_f1']:.4f}" in fitted.output
+    assert re.search(r"class\s+precision\s+recall", fitted.output)
+    for label in LABELS:
+        row = validation["per_class"][label]
+        assert re.search(rf"^{label}\s+{row['precision']:.4f}\s+{row['recall']:.4f}\s", fitted.output, re.M)
+    assert (run / "report.txt").read_text().startswith(f"accuracy {validation['accuracy']:.4f}")
+
+    test_guids = shuffle_test_file(data_dir, data_spec.test)
+    predicted = succeeded(invoke("predict", *cached[:4], "--run", run, "--out", submission))
+    rows = read_submission(submission)
+    assert rows[0] == ["guid", "tag"]
+    assert [guid for guid, _ in rows[1:]] == test_guids  # every test row, in file order
+    assert {tag for _, tag in rows[1:]} <= set(LABELS)
+    assert f"wrote {len(data_spec.test)} predictions to {submission}" in predicted.output
+
+
+def test_extract_twice_encodes_nothing_new(data_dir, data_spec, tmp_path, encoders):
+    args = ("extract", "--data", data_dir, "--cache", tmp_path / "cache", *encoders, "--max-tokens", MAX_TOKENS,
+            "--workers", 0)
+    total = len(data_spec.guids)
+    first = succeeded(invoke(*args))
+    assert first.output.count(f"{total} new of {total} pairs") == 2  # text and image
+    second = succeeded(invoke(*args))
+    assert second.output.count(f"0 new of {total} pairs") == 2
+    assert f"{total} new" not in second.output
+
+
+def test_predict_one_post(cached, data_dir, tmp_path):
+    run = tmp_path / "run"
+    succeeded(invoke("fit", *cached, "--out", run, *FIT_OPTIONS))
+    result = succeeded(invoke("predict", "--run", run, "--text", "so happy  today", "--image",
+                              image_path(data_dir, "1")))
+    match = POST.search(result.output)
+    assert match, result.output
+    probabilities = dict(zip(LABELS, map(float, match.groups()[1:])))
+    assert match.group(1) == max(probabilities, key=probabilities.get)
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=2e-3)  # three values rounded to 3 places
+
+
+def test_same_seed_same_metrics_and_no_silent_overwrite(cached, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for run in (first, second):
+        succeeded(invoke("fit", *cached, "--out", run, "--seed", 3, *FIT_OPTIONS))
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, second)]
+    assert metrics[0]["validation"] == metrics[1]["validation"]
+    assert [h["val_macro_f1"] for h in metrics[0]["history"]] == [h["val_macro_f1"] for h in metrics[1]["history"]]
+    assert (first / "model.pt").read_bytes() == (second / "model.pt").read_bytes()
+
+    weights = (first / "model.pt").read_bytes()
+    one_line_error(invoke("fit", *cached, "--out", first, "--seed", 4, *FIT_OPTIONS), str(first), "--overwrite")
+    assert (first / "model.pt").read_bytes() == weights
+    assert json.loads((first / "config.json").read_text())["fit"]["seed"] == 3
+    succeeded(invoke("fit", *cached, "--out", first, "--seed", 4, *FIT_OPTIONS, "--overwrite"))
+    assert json.loads((first / "config.json").read_text())["fit"]["seed"] == 4
+
+
+# ---- one-line errors -------------------------------------------------------------------------------------------
+
+
+def test_missing_data_folder(tmp_path, encoders):
+    missing = tmp_path / "no-such-data"
+    result = invoke("extract", "--data", missing, "--cache", tmp_path / "cache", *encoders)
+    one_line_error(result, str(missing / TRAIN_FILE), "not found")
+
+
+def test_missing_train_file(data_dir, tmp_path, encoders):
+    (data_dir / TRAIN_FILE).unlink()
+    result = invoke("fit", "--data", data_dir, "--cache", tmp_path / "cache", "--out", tmp_path / "run", *encoders)
+    one_line_error(result, str(data_dir / TRAIN_FILE), "not found")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_header(data_dir, tmp_path, encoders):
+    train = data_dir / TRAIN_FILE
+    train.write_text(train.read_text().replace("guid,tag", "id,label", 1))
+    result = invoke("extract", "--data", data_dir, "--cache", tmp_path / "cache", *encoders)
+    one_line_error(result, f"{train}:1", "guid,tag", "id,label")
+
+
+def test_unknown_tag(data_dir, data_spec, tmp_path, encoders):
+    train = data_dir / TRAIN_FILE
+    guid = next(iter(data_spec.train))
+    lines = train.read_text().splitlines()
+    assert lines[1].startswith(f"{guid},")
+    lines[1] = f"{guid},happy"
+    train.write_text("\n".join(lines) + "\n")
+    result = invoke("extract", "--data", data_dir, "--cache", tmp_path / "cache", *encoders)
+    one_line_error(result, f"{train}:2", f"guid {guid}", "'happy'", "positive")
+
+
+def test_unknown_head(cached, tmp_path):
+    error = one_line_error(invoke("fit", *cached, "--out", tmp_path / "run", "--head", "no-such-head"), "no-such-head")
+    assert all(name in error for name in head_names())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_unknown_encoder(kind, data_dir, tmp_path):
+    result = invoke("extract", "--data", data_dir, "--cache", tmp_path / "cache", "--only", kind,
+                    f"--{kind}-encoder", "no-such-encoder")
+    one_line_error(result, f"unknown {kind} encoder 'no-such-encoder'")
+
+
+def test_unreadable_image(data_dir, data_spec, tmp_path, encoders):
+    guid = data_spec.test[0]
+    image_path(data_dir, guid).write_bytes(b"not a jpeg at all")
+    args = ("extract", "--data", data_dir, "--cache", tmp_path / "cache", *encoders, "--only", "image", "--workers", 0)
+    one_line_error(invoke(*args), f"guid {guid}", str(image_path(data_dir, guid)))
+
+    result = succeeded(invoke(*args, "--skip-bad"))
+    assert f"1 skipped: ['{guid}']" in result.output
+    total = len(data_spec.guids)
+    assert f"{total} new of {total} pairs" in result.output
+
+
+def test_predict_refuses_a_cache_of_other_encoders(cached, data_dir, tmp_path, encoders):
+    run, other_cache = tmp_path / "run", tmp_path / "cache-8-tokens"
+    succeeded(invoke("fit", *cached, "--out", run, *FIT_OPTIONS))
+    succeeded(invoke("extract", "--data", data_dir, "--cache", other_cache, *encoders, "--only", "text",
+                     "--max-tokens", 8, "--workers", 0))
+    result = invoke("predict", "--run", run, "--data", data_dir, "--cache", other_cache, "--out", tmp_path / "s.csv")
+    one_line_error(result, str(cache_path(other_cache, data_dir, "text", encoders[1])), "cache was built with")
+    assert not (tmp_path / "s.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["extract", "finetune"])
+def test_device_cuda_without_a_gpu(command, data_dir, tmp_path, encoders):
+    out = ["--out", tmp_path / "run"] if command == "finetune" else ["--cache", tmp_path / "cache"]
+    one_line_error(invoke(command, "--data", data_dir, *out, *encoders, "--device", "cuda"), "--device cuda")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+# ---- help ------------------------------------------------------------------------------------------------------
+
+COMMANDS = typer.main.get_command(cli.app).commands
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_lists_every_option(name):
+    result = succeeded(invoke(name, "--help"))
+    options = [max(param.opts, key=len) for param in COMMANDS[name].params if param.opts[0].startswith("--")]
+    assert options, name
+    missing = [option for option in options if not re.search(rf"{re.escape(option)}\b", result.output)]
+    assert not missing, result.output
+    assert "Usage:" in result.output
+
+
+def test_help_of_the_app_lists_every_command():
+    result = succeeded(invoke("--help"))
+    assert all(name in result.output for name in COMMANDS)
