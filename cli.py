@@ -66,6 +66,9 @@ def extract(
     image_encoder: str = ImageEncoderOption,
     batch_size: int = typer.Option(32, min=1, help="Pairs per encoder forward pass."),
     max_tokens: int = typer.Option(64, min=2, help="Cap on tokens per text (the text cache's sequence length)."),
+    normalize: str = typer.Option(
+        "none", help="Tweet normalisation: none | all | comma list of retweet,links,mentions,hashtags,lost-emoji."
+    ),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
     workers: int | None = typer.Option(None, min=0, help="Data-loading processes (default: half the CPU cores)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images as skipped instead of stopping."),
@@ -81,7 +84,7 @@ def extract(
 
     torch_device = resolve_device(device)
     guids = data_guids(data)
-    kinds = {"text": (text_encoder, {"max_tokens": max_tokens}), "image": (image_encoder, {})}
+    kinds = {"text": (text_encoder, {"max_tokens": max_tokens, "normalize": normalize}), "image": (image_encoder, {})}
     if only is not None and only not in kinds:
         raise typer.BadParameter(f"expected 'text' or 'image', got {only!r}", param_hint="--only")
     for kind, (name, options) in kinds.items():
@@ -110,7 +113,7 @@ def fit(
     text_encoder: str = TextEncoderOption,
     image_encoder: str = ImageEncoderOption,
     head: str = typer.Option(
-        "cross-attention", help="Fusion head: cross-attention | concat | gated | late | text-only | image-only."
+        "gated", help="Fusion head: gated | cross-attention | concat | late | text-only | image-only."
     ),
     val_fraction: float = typer.Option(0.1, help="Stratified share of train.txt held out for validation."),
     seed: int = typer.Option(0, help="Seeds the split, the initialisation and the batch order."),
@@ -133,8 +136,8 @@ def fit(
     num_heads: int | None = typer.Option(None, help="Attention heads (default 4)."),
     layers: int | None = typer.Option(None, help="Attention blocks per branch (default 1)."),
     dropout: float | None = typer.Option(None, help="Dropout (default 0.2)."),
-    text_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default last)."),
-    image_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default mean)."),
+    text_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default attention)."),
+    image_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default attention)."),
     norm: str | None = typer.Option(None, help="Norm in attention blocks: layer | batch (default layer)."),
     image_positions: str | None = typer.Option(None, help="Patch positions: none | sinusoidal | learned."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty run folder."),
@@ -214,7 +217,7 @@ def finetune(
     ),
     text_encoder: str = TextEncoderOption,
     image_encoder: str = ImageEncoderOption,
-    head: str = typer.Option("cross-attention", help="Fusion head when not starting --from-run."),
+    head: str = typer.Option("gated", help="Fusion head when not starting --from-run."),
     unfreeze: str = typer.Option("top-2", help="Encoder blocks to train: all | none | top-K (the last K of each)."),
     epochs: int = typer.Option(3, min=1),
     patience: int = typer.Option(2, min=1, help="Epochs without a better validation macro-F1 before stopping."),

@@ -224,7 +224,7 @@ def finetune_run(
     from_run: Path | None = None,
     text_encoder: str = "minilm",
     image_encoder: str = "efficientnet-lite0",
-    head: str = "cross-attention",
+    head: str = "gated",
     resume: bool = False,
     overwrite: bool = False,
     workers: int | None = None,

@@ -57,7 +57,8 @@ def predict_submission(run_dir: Path, data_dir: Path, cache_root: Path, out: Pat
     if config.get("kind") == "finetune":
         model = load_finetuned(run_dir, config)
         device = resolve_device("auto")
-        probabilities = predict_raw(model.to(device), RawPairs(model, data_dir, guids), device=device).numpy()
+        pairs = RawPairs(model, data_dir, guids)
+        probabilities = predict_raw(model.to(device), pairs, device=device, progress=True).numpy()
         write_submission(out, guids, probabilities.argmax(1))
         return probabilities
     model, config = load_head(run_dir)
