@@ -311,7 +311,7 @@ def sweep(
 @_one_line_errors
 def ablate(
     out: Path = typer.Option(..., "--out", help="Folder to create (a sweep folder: leaderboard, report, runs/)."),
-    head: str = typer.Option("cross-attention", help="The head to ablate (any registered head)."),
+    head: str | None = typer.Option(None, help="The head to ablate (default: fit's default head)."),
     sets: list[str] = typer.Option(
         [], "--set", help="key=value (repeatable): a fit or head option held fixed in all three rows."
     ),
@@ -329,8 +329,10 @@ def ablate(
     Each row retrains the same head with the same options on the same folds; only the input differs:
     the left-out modality is masked out (modalities=text|image), so it never reaches the logits.
     """
+    from fusion.config import FitConfig
     from fusion.sweep import SweepOptions, ablation_grid, ablation_table, build_grids, sweep_from_cache
 
+    head = head or FitConfig().head
     trials, rows = sweep_from_cache(
         data, cache, out, ablation_grid(head, build_grids(None, sets)[0]), SweepOptions(folds, jobs, split_seed),
         text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,

@@ -4,8 +4,10 @@ A grid maps option names (fields of ``FitConfig`` and ``HeadConfig``) to lists o
 a grid file may also hold a list of such mappings, whose combinations are joined. Each
 combination is fitted on every fold of a seeded stratified K-fold split of train.txt
 (or on one stratified hold-out split when K = 1), and the leaderboard ranks the
-configurations by mean validation macro-F1. Every fit writes a normal run folder, so any
-row's run can be passed to ``predict``.
+configurations by mean validation macro-F1. Every fit writes a normal run folder
+(``runs/<config>/``, one ``fold-<k>/`` per fold with K ≥ 2; the leaderboard's run column
+names fold 0's), so any row's run can be passed to ``predict``. Every configuration is scored on the same folds, so the
+leaderboard also gives each row's macro-F1 minus the best row's, paired fold by fold.
 
 Honesty of the scores: everything is selected on validation folds only (early stopping
 included, as in ``fit``). With ``logit_adjustment`` and K ≥ 2 folds, the τ behind a fold's
@@ -14,7 +16,7 @@ scores a τ tuned on itself; its run folder keeps the τ tuned on its own valida
 which is what ``predict`` applies.
 
 The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``, ``leaderboard.png``,
-``report.md``, ``sweep.json`` (the grid, options and per-fold scores) and ``runs/``.
+``report.md``, ``sweep.json`` (options, trials, every fit's scores, the leaderboard) and ``runs/``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ from fusion.split import stratified_folds, stratified_split
 CACHE_DERIVED = ("text_dim", "image_dim", "image_length", "num_classes")  # set from the cache, never swept
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 HEAD_KEYS = tuple(f.name for f in fields(HeadConfig) if f.name not in CACHE_DERIVED)
-FIELD_TYPES = {f.name: f.type for f in (*fields(FitConfig), *fields(HeadConfig))}  # "int", "float", "bool", "str"
+FIELD_TYPES: dict[str, type] = get_type_hints(FitConfig) | get_type_hints(HeadConfig)  # int, float, bool or str
 METRICS = ("macro_f1", "accuracy", "weighted_f1", "neutral_recall")
 BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 ABLATION_ROWS = {"text": "text only", "image": "image only", "both": "text + image"}
@@ -107,17 +109,17 @@ def parse_value(key: str, value: Any) -> Any:
     if key not in FIELD_TYPES:
         raise ValueError(f"unknown sweep key {key!r}; choose from {sorted(FIT_KEYS + HEAD_KEYS)}")
     kind = FIELD_TYPES[key]
-    if isinstance(value, str) and kind == "bool" and value.strip().lower() in BOOLEANS:
+    if isinstance(value, str) and kind is bool and value.strip().lower() in BOOLEANS:
         return BOOLEANS[value.strip().lower()]
-    if isinstance(value, str) and kind in ("int", "float"):
+    if isinstance(value, str) and kind in (int, float):
         try:
-            value = int(value) if kind == "int" else float(value)
+            value = kind(value)
         except ValueError:
-            raise ValueError(f"{key}={value!r} is not a valid {kind}") from None
-    if kind == "float" and type(value) is int:
+            raise ValueError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+    if kind is float and type(value) is int:
         value = float(value)
-    if type(value) is not {"int": int, "float": float, "bool": bool, "str": str}[kind]:
-        raise ValueError(f"{key}={value!r} is not a valid {kind}")
+    if type(value) is not kind:
+        raise ValueError(f"{key}={value!r} is not a valid {kind.__name__}")
     return value
 
 
@@ -156,22 +158,26 @@ def build_grids(grid_file: Path | None, sets: list[str]) -> list[Grid]:
 
 
 def plan_trials(grids: list[Grid]) -> list[Trial]:
-    """Every combination of every sub-grid, in order, duplicates dropped; each config validated now."""
-    combos: list[dict[str, Any]] = []
+    """Every combination of every sub-grid, in order, each config validated now.
+
+    A combination equal to an earlier one once the defaults are filled in is dropped, so sub-grids that
+    vary one option each around a shared base fit that base once. A trial is named by the options it
+    sets that vary across the grid.
+    """
+    defaults = asdict(FitConfig()) | asdict(HeadConfig())
+    combos: dict[str, dict[str, Any]] = {}  # resolved options (as JSON) → the first combination giving them
     for grid in grids:
         for values in itertools.product(*grid.values()):
             combo = dict(zip(grid, values))
-            if combo not in combos:
-                combos.append(combo)
-    keys = list(dict.fromkeys(key for combo in combos for key in combo))
-    defaults = asdict(FitConfig()) | asdict(HeadConfig())
-    varying = [key for key in keys if len({repr(combo.get(key, defaults[key])) for combo in combos}) > 1]
+            combos.setdefault(json.dumps(defaults | combo, sort_keys=True), combo)
+    keys = list(dict.fromkeys(key for combo in combos.values() for key in combo))
+    varying = [key for key in keys if len({repr(combo.get(key, defaults[key])) for combo in combos.values()}) > 1]
     trials = []
-    for index, combo in enumerate(combos):
+    for index, combo in enumerate(combos.values()):
         fit_config = FitConfig(**{k: v for k, v in combo.items() if k in FIT_KEYS}).validate()
         head_options = {k: v for k, v in combo.items() if k in HEAD_KEYS}
         HeadConfig(**head_options).validate()
-        name = " ".join(f"{key}={combo.get(key, defaults[key])}" for key in varying) or "defaults"
+        name = " ".join(f"{key}={combo[key]}" for key in varying if key in combo) or "defaults"
         trials.append(Trial(index, name, combo, fit_config, head_options))
     return trials
 
@@ -265,8 +271,12 @@ def cross_fitted(results: list[FoldResult], labels: np.ndarray, val_rows: list[n
 def leaderboard(
     trials: list[Trial], results: list[FoldResult], labels: np.ndarray, options: SweepOptions
 ) -> list[dict[str, Any]]:
-    """One row per trial, ranked by mean validation macro-F1 (ties keep grid order)."""
-    rows = []
+    """One row per trial, ranked by mean validation macro-F1 (ties keep grid order).
+
+    Every trial is scored on the same folds, so ``delta_vs_best`` compares each row with the first fold
+    by fold (paired): its std is the noise of the comparison, smaller than the std of either score.
+    """
+    rows, fold_f1 = [], {}
     for trial in trials:
         folds = [r for r in results if r.index == trial.index]
         reports = [r.validation for r in folds]
@@ -277,37 +287,48 @@ def leaderboard(
                 folds, labels, [val for _, val in splits], [train for train, _ in splits], len(reports[0]["labels"])
             )
             taus = [report["tau"] for report in reports]
+        fold_f1[trial.index] = np.asarray([metric_of(report, "macro_f1") for report in reports])
         row: dict[str, Any] = {"config": trial.name}
         for metric in METRICS:
-            values = np.asarray([metric_of(report, metric) for report in reports])
-            row[f"{metric}_mean"] = float(values.mean())
-            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            row |= _mean_std(metric, [metric_of(report, metric) for report in reports])
         row |= {
             "fit_seconds": float(np.mean([r.fit_seconds for r in folds])),
             "parameters": folds[0].parameters,
             "best_epoch": float(np.mean([r.best_epoch for r in folds])),
-            "tau": float(np.mean(taus)),
+            "tau": float(np.mean(taus)) if trial.fit_config.logit_adjustment else None,  # None: no adjustment
             "run": folds[0].run,
             "index": trial.index,
         }
         rows.append(row)
     rows.sort(key=lambda row: (-row["macro_f1_mean"], row["index"]))
-    return [{"rank": rank, **row} for rank, row in enumerate(rows, start=1)]
+    best = fold_f1[rows[0]["index"]]
+    return [
+        {"rank": rank, **row, **_mean_std("delta_vs_best", fold_f1[row["index"]] - best)}
+        for rank, row in enumerate(rows, start=1)
+    ]
 
 
-def _score(row: dict[str, Any], metric: str, folds: int) -> str:
-    mean = f"{row[f'{metric}_mean']:.4f}"
+def _mean_std(name: str, values: list[float] | np.ndarray) -> dict[str, float]:
+    """``{name}_mean`` and ``{name}_std`` (sample std over the folds; 0 for one fold)."""
+    values = np.asarray(values, dtype=np.float64)
+    return {f"{name}_mean": float(values.mean()), f"{name}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+
+
+def _score(row: dict[str, Any], metric: str, folds: int, sign: str = "") -> str:
+    mean = f"{row[f'{metric}_mean']:{sign}.4f}"
     return f"{mean} ± {row[f'{metric}_std']:.4f}" if folds > 1 else mean
 
 
 def markdown_table(rows: list[dict[str, Any]], folds: int, first: str = "config") -> str:
     """The leaderboard as a Markdown table (scores as mean ± std over the folds)."""
-    header = [first, "macro-F1", "accuracy", "weighted-F1", "neutral recall", "fit s", "params", "τ", "run"]
+    header = [first, "macro-F1", "accuracy", "weighted-F1", "neutral recall", "Δ macro-F1 vs #1 (paired)", "fit s",
+              "params", "τ", "run"]
     lines = ["| # | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for row in rows:
         cells = [
             str(row["rank"]), row["config"], *(_score(row, metric, folds) for metric in METRICS),
-            f"{row['fit_seconds']:.1f}", f"{row['parameters']:,}", f"{row['tau']:.2f}", f"`{row['run']}`",
+            _score(row, "delta_vs_best", folds, sign="+"), f"{row['fit_seconds']:.1f}", f"{row['parameters']:,}",
+            "—" if row["tau"] is None else f"{row['tau']:.2f}", f"`{row['run']}`",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -338,7 +359,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], trials: list[Trial], sum
         f"{len(trials)} configurations × {folds} fold(s) fitted in {summary['seconds']:.0f} s on the cached "
         f"features of `{summary['text_encoder']}` (text) and `{summary['image_encoder']}` (image) "
         f"from `{summary['data_dir']}`; {scheme} of train.txt (split seed {summary['split_seed']}). "
-        "Scores are validation scores (mean ± sample std over the folds); nothing here saw the test file.",
+        "Scores are validation scores (mean ± sample std over the folds); nothing here saw the test file."
+        + (" Δ is the row's macro-F1 minus #1's on the same fold (mean ± std over the folds): a gap smaller "
+           f"than about 2·std/√{folds} is within the noise of these folds." if folds > 1 else ""),
         "",
         "## Leaderboard",
         "",
@@ -420,7 +443,7 @@ def run_sweep(
     }
     write_json(out / "sweep.json", summary | {
         "trials": [{"index": t.index, "name": t.name, "options": t.options, "folder": t.folder} for t in trials],
-        "folds": [
+        "fits": [
             {"index": r.index, "fold": r.fold, "run": r.run, "fit_seconds": r.fit_seconds, "tau": r.tau,
              "best_epoch": r.best_epoch, **{metric: metric_of(r.validation, metric) for metric in METRICS}}
             for r in results

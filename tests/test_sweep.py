@@ -129,10 +129,16 @@ def test_grid_files_yaml_json_and_a_list_of_grids(tmp_path):
                      {"head": ["cross-attention"], "norm": ["layer", "batch"], "epochs": [2]}]
     trials = plan_trials(grids)
     assert [t.name for t in trials] == [
-        "head=concat text_pool=last norm=layer", "head=concat text_pool=mean norm=layer",
-        "head=cross-attention text_pool=last norm=layer", "head=cross-attention text_pool=last norm=batch",
+        "head=concat text_pool=last", "head=concat text_pool=mean", "head=cross-attention norm=layer",
+        "head=cross-attention norm=batch",
     ]
     assert all(t.fit_config.epochs == 2 for t in trials)
+    # One option at a time around a shared base: the base is fitted once, whatever sub-grid repeats it.
+    around = plan_trials([{"head": ["gated", "concat"]}, {"head": ["gated"], "image_positions": ["none", "learned"]},
+                          {"head": ["gated"], "class_weights": [False, True]}])
+    assert [t.name for t in around] == [
+        "head=gated", "head=concat", "head=gated image_positions=learned", "head=gated class_weights=True",
+    ]
     (tmp_path / "bad.yaml").write_text("head: [concat]\nmystery: [1]\n")
     with pytest.raises(ValueError, match="unknown sweep key 'mystery'"):
         parse_grid_file(tmp_path / "bad.yaml")
@@ -177,7 +183,8 @@ def test_2x2_grid_writes_4_runs_and_a_leaderboard(tiny_cache, tmp_path):
     for image in ("leaderboard.png", *(line[line.index("(") + 1:-1] for line in report.splitlines()
                                         if line.startswith("![") and "leaderboard" not in line)):
         assert (out / image).is_file(), image
-    assert len(json.loads((out / "sweep.json").read_text())["folds"]) == 4
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["folds"] == 1 and len(saved["fits"]) == 4 and saved["leaderboard"] == json.loads(json.dumps(rows))
 
     best = Path(rows[0]["run"])  # a normal run folder: predict accepts it
     probabilities = predict_submission(best, tiny_cache["data_dir"], tiny_cache["cache_root"], tmp_path / "sub.csv")
@@ -191,6 +198,8 @@ def test_k_folds_same_seed_same_leaderboard_also_in_parallel(tiny_cache, tmp_pat
     run(tiny_cache, tmp_path / "c", grid, folds=3, jobs=2)
     assert scores(tmp_path / "a") == scores(tmp_path / "b") == scores(tmp_path / "c")
     assert all(row["macro_f1_std"] >= 0 for row in rows)
+    assert rows[0]["delta_vs_best_mean"] == rows[0]["delta_vs_best_std"] == 0.0
+    assert rows[1]["delta_vs_best_mean"] == pytest.approx(rows[1]["macro_f1_mean"] - rows[0]["macro_f1_mean"])
     folder = Path(rows[0]["run"]).parent
     assert sorted(p.name for p in folder.iterdir()) == ["fold-0", "fold-1", "fold-2"]
     assert (folder / "fold-0" / "curves.png").is_file() and (folder / "fold-0" / "confusion_matrix.png").is_file()
