@@ -1,7 +1,8 @@
 """Cached features of labelled pairs, held in memory as tensors for the heads.
 
-Reads the HDF5 caches once (through ``extract.cache``); batches are then slices of
-pre-loaded float16 tensors, so no HDF5 read ever happens in the training loop.
+Reads the HDF5 caches once (through ``extract.cache``) and normalises them once;
+batches are then slices of pre-loaded float16 tensors, so no HDF5 read and no
+normalisation ever happens in the training loop.
 """
 
 from __future__ import annotations
@@ -14,15 +15,26 @@ import numpy as np
 import torch
 
 from extract.cache import cache_path, load_features
+from fusion.layers import normalise_features
 
 
 @dataclass
 class PairFeatures:
+    """Normalised encoder features of N pairs; build it from encoder outputs with ``from_encoders``."""
+
     guids: list[str]
-    text: torch.Tensor  # (N, T, D_text) float16
+    text: torch.Tensor  # (N, T, D_text) float16, normalised
     text_mask: torch.Tensor  # (N, T) bool, True = real token
-    image: torch.Tensor  # (N, P, D_image) float16
+    image: torch.Tensor  # (N, P, D_image) float16, normalised
     image_mask: torch.Tensor  # (N, P) bool, True = real patch
+
+    @classmethod
+    def from_encoders(
+        cls, guids: list[str], text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
+        image_mask: torch.Tensor,
+    ) -> PairFeatures:
+        """Features as the encoders gave them (any float dtype), normalised as the heads expect."""
+        return cls(list(guids), _normalised(text), text_mask, _normalised(image), image_mask)
 
     def __len__(self) -> int:
         return len(self.guids)
@@ -58,11 +70,19 @@ def load_pair_features(
     expected = expected or {}
     text = load_features(cache_path(cache_root, data_dir, "text", text_encoder), guids, expected.get("text"))
     image = load_features(cache_path(cache_root, data_dir, "image", image_encoder), guids, expected.get("image"))
-    features = PairFeatures(
-        list(guids),
+    features = PairFeatures.from_encoders(
+        guids,
         torch.from_numpy(text.features),
         torch.from_numpy(text.mask),
         torch.from_numpy(image.features),
         torch.from_numpy(image.mask),
     )
     return features, {"text": text.description, "image": image.description}
+
+
+def _normalised(features: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """float16 copy of ``features`` (N, L, D) normalised in float32 a chunk of rows at a time, to bound memory."""
+    out = torch.empty(features.shape, dtype=torch.float16)
+    for start in range(0, len(features), chunk):
+        out[start : start + chunk] = normalise_features(features[start : start + chunk].float())
+    return out

@@ -22,11 +22,18 @@ class SequenceDropout(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def keep_mask(self, batch: int, dim: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The scaled mask (B, D) this layer multiplies each sequence by; None when it does nothing."""
         if not self.training or self.p == 0.0:
+            return None
+        keep = torch.empty(batch, dim, device=like.device, dtype=like.dtype)  # (B, D)
+        return keep.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.keep_mask(x.shape[0], x.shape[-1], x)  # (B, D)
+        if keep is None:
             return x
-        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1], device=x.device, dtype=x.dtype)
-        return x * keep.bernoulli_(1.0 - self.p).div_(1.0 - self.p)  # mask (B, 1, D) broadcast over L
+        return x * keep.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])  # broadcast over L
 
 
 class MaskedNorm(nn.Module):
@@ -138,19 +145,26 @@ class PatchPositions(nn.Module):
         return patches + self.table[: patches.shape[1]]  # (B, P, D)
 
 
+def normalise_features(x: torch.Tensor) -> torch.Tensor:
+    """Layer-normalise encoder features (…, D) without affine: the input every head expects.
+
+    A fixed function of the features, so the cache's features are normalised once when
+    loaded (``PairFeatures.from_encoders``) and the encoders' output in ``PairModel``, not
+    at every training step; an all-zero padding position stays zero.
+    """
+    return nn.functional.layer_norm(x, x.shape[-1:])
+
+
 class Projection(nn.Module):
-    """Normalise encoder features, then map them to the head's hidden size."""
+    """Map normalised encoder features to the head's hidden size, with one dropout mask per sequence."""
 
     def __init__(self, in_dim: int, dim: int, dropout: float):
         super().__init__()
-        # No affine: the linear layer absorbs it, and with nothing to learn before the linear layer
-        # autograd skips the gradient of the (large) input features, a third of the projection cost.
-        self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
         self.linear = nn.Linear(in_dim, dim)
         self.dropout = SequenceDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.linear(self.norm(x)))  # (B, L, D)
+        return self.dropout(self.linear(x))  # (B, L, D)
 
 
 def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from extract.encoders.base import ImageEncoder, TextEncoder
+from fusion.layers import normalise_features
 
 
 class PairModel(nn.Module):
@@ -25,7 +26,8 @@ class PairModel(nn.Module):
     def forward(self, text_inputs: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
         text_tokens, text_mask = self.text_encoder(**text_inputs)  # (B, T, D_text), (B, T)
         image_patches, image_mask = self.image_encoder(pixels)  # (B, P, D_image), (B, P)
-        return self.head(text_tokens.float(), text_mask, image_patches.float(), image_mask)  # (B, C)
+        text_tokens, image_patches = normalise_features(text_tokens.float()), normalise_features(image_patches.float())
+        return self.head(text_tokens, text_mask, image_patches, image_mask)  # (B, C)
 
 
 def move_batch(batch: tuple[dict[str, torch.Tensor], torch.Tensor], device: torch.device) -> tuple[Any, ...]:

@@ -2,6 +2,9 @@
 
 Masks are bool (B, L), True = real token/patch. A row with no real position (a
 skipped image, an empty stream) pools to zeros rather than NaN.
+
+``project_and_pool`` is what the pooled heads call: the same result as projecting
+every position and pooling, computed by pooling first wherever that is exact.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import math
 
 import torch
 from torch import nn
+
+from fusion.layers import PatchPositions, Projection
 
 POOLINGS = ("last", "first", "mean", "max", "attention")
 
@@ -23,7 +28,8 @@ class Pool(nn.Module):
         # A learned query only for attention pooling; the others have no parameters.
         self.query = nn.Parameter(torch.randn(dim) / math.sqrt(dim)) if kind == "attention" else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool ``x`` (B, L, D); attention pooling may be given its (B, L) ``scores`` instead of computing them."""
         has_any = mask.any(dim=1, keepdim=True)  # (B, 1)
         if self.kind in ("last", "first"):
             positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (B, L)
@@ -33,13 +39,46 @@ class Pool(nn.Module):
                 index = torch.where(mask, positions, mask.shape[1]).amin(dim=1).clamp(max=mask.shape[1] - 1)
             pooled = x[torch.arange(x.shape[0], device=x.device), index]  # (B, D)
         elif self.kind == "mean":
-            weights = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
-            pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+            weights = mask.to(x.dtype)  # (B, L)
+            weights = weights / weights.sum(1, keepdim=True).clamp(min=1.0)
+            pooled = (weights.unsqueeze(1) @ x).squeeze(1)  # (B, D)
         elif self.kind == "max":
             pooled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)  # (B, D)
         else:
-            scores = (x @ self.query) / math.sqrt(x.shape[-1])  # (B, L)
+            if scores is None:
+                scores = (x @ self.query) / math.sqrt(x.shape[-1])  # (B, L)
             scores = scores.masked_fill(~mask, float("-inf"))
             weights = torch.softmax(scores.masked_fill(~has_any, 0.0), dim=1)  # (B, L)
-            pooled = (weights.unsqueeze(-1) * x).sum(1)  # (B, D)
+            pooled = (weights.unsqueeze(1) @ x).squeeze(1)  # (B, D); a matmul never builds the (B, L, D) product
         return torch.where(has_any, pooled, torch.zeros_like(pooled))
+
+
+def project_and_pool(
+    projection: Projection,
+    pool: Pool,
+    x: torch.Tensor,  # (B, L, D_in) normalised encoder features
+    mask: torch.Tensor,  # (B, L), True = real position
+    positions: PatchPositions | None = None,
+) -> torch.Tensor:
+    """``pool(positions(projection(x)), mask)`` (B, D), without projecting every position when it need not.
+
+    The projection is linear (W, b) then one dropout mask m per sequence, and every pooling but max
+    takes weights a_i that sum to 1, so  Σ a_i·m⊙(W x_i + b) = m⊙(W Σ a_i x_i + b), and attention
+    scores q·m⊙(W x_i + b) = (Wᵀ(m⊙q))·x_i + a constant that softmax ignores. Pooling the inputs
+    first costs L·D_in per pair instead of L·D_in·D: projecting 49 patches of 1280 features was
+    most of a pooled head's time. Max pooling and patch positions take the direct path.
+    """
+    if pool.kind == "max" or (positions is not None and positions.kind != "none"):
+        projected = projection(x)  # (B, L, D)
+        return pool(positions(projected) if positions is not None else projected, mask)
+    batch, dim = x.shape[0], projection.linear.out_features
+    keep = projection.dropout.keep_mask(batch, dim, x)  # (B, D) or None
+    scores = None
+    if pool.kind == "attention":
+        query = pool.query.expand(batch, dim) if keep is None else pool.query * keep  # (B, D)
+        direction = query @ projection.linear.weight  # (B, D_in)
+        scores = (x @ direction.unsqueeze(-1)).squeeze(-1) / math.sqrt(dim)  # (B, L)
+    pooled = projection.linear(pool(x, mask, scores))  # (B, D)
+    if keep is not None:
+        pooled = pooled * keep
+    return torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))

@@ -94,6 +94,6 @@ def predict_post(run_dir: Path, text: str, image: Path) -> dict[str, float]:
     text_tokens, text_mask = encoders["text"].encode([" ".join(text.split())])  # (1, T, D_text), (1, T)
     image_encoder = encoders["image"]
     image_patches, image_mask = image_encoder.encode([image_encoder.pixels(load_image(Path(image), "<post>"))])
-    post = PairFeatures(["<post>"], text_tokens, text_mask, image_patches, image_mask)
+    post = PairFeatures.from_encoders(["<post>"], text_tokens, text_mask, image_patches, image_mask)
     probabilities = predict_run(run_dir, model, config, post)[0]  # (C,)
     return {label: float(p) for label, p in zip(LABELS, probabilities)}

@@ -104,5 +104,5 @@ def predict_proba(model: torch.nn.Module, features: PairFeatures, batch_size: in
     chunks = []
     for start in range(0, len(features), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(features)))
-        chunks.append(torch.softmax(model(*features.batch(rows)), dim=-1))  # (B, C)
+        chunks.append(torch.softmax(model(*features.batch(rows)).float(), dim=-1))  # (B, C)
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_classes), np.float32)

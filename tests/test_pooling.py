@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.pooling import POOLINGS, Pool
+from fusion.layers import PatchPositions, Projection, normalise_features
+from fusion.pooling import POOLINGS, Pool, project_and_pool
 
 B, L, D = 4, 7, 5
 
@@ -119,3 +120,46 @@ def test_unknown_pooling_lists_the_choices():
 def test_only_attention_pooling_has_parameters():
     for kind in POOLINGS:
         assert (len(list(make_pool(kind).parameters())) > 0) == (kind == "attention")
+
+
+D_IN = 9  # input features wider than the pooled size, as for encoder features
+
+
+def projected_setup(kind: str, positions: str, sequence):
+    x, mask = sequence
+    mask[2] = False  # a row with nothing to pool
+    torch.manual_seed(0)
+    projection, pool = Projection(D_IN, D, dropout=0.3), Pool(kind, D)
+    table = PatchPositions(positions, L, D)
+    features = torch.randn(B, L, D_IN, generator=torch.Generator().manual_seed(2))  # (B, L, D_in)
+    return projection, pool, table, features, mask
+
+
+@pytest.mark.parametrize("positions", ["none", "learned"])
+@pytest.mark.parametrize("kind", POOLINGS)
+@pytest.mark.parametrize("training", [False, True])
+def test_project_and_pool_equals_projecting_every_position(kind, positions, training, sequence):
+    """Pooling before projecting is exact: same output and same gradients, dropout included (same seed)."""
+    projection, pool, table, features, mask = projected_setup(kind, positions, sequence)
+    projection.train(training)
+    torch.manual_seed(3)
+    fast = project_and_pool(projection, pool, features, mask, table)  # (B, D)
+    fast.square().sum().backward()
+    fast_grads = [p.grad.clone() for p in projection.parameters()]
+    projection.zero_grad()
+    torch.manual_seed(3)
+    direct = pool(table(projection(features)), mask)  # (B, D)
+    direct.square().sum().backward()
+    torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
+    for fast_grad, parameter in zip(fast_grads, projection.parameters()):
+        torch.testing.assert_close(fast_grad, parameter.grad, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast[2], torch.zeros(D))
+
+
+def test_normalise_features_gives_zero_mean_unit_variance_and_keeps_padding_zero():
+    x = torch.randn(3, 4, 16) * 7 + 3
+    x[:, -1] = 0.0  # padding
+    normed = normalise_features(x)
+    torch.testing.assert_close(normed[:, :-1].mean(-1), torch.zeros(3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normed[:, :-1].var(-1, unbiased=False), torch.ones(3, 3), atol=1e-3, rtol=0)
+    assert torch.equal(normed[:, -1], torch.zeros(3, 16))

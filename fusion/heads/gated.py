@@ -18,7 +18,7 @@ from torch import nn
 
 from fusion.config import HeadConfig
 from fusion.layers import PatchPositions, Projection, classifier
-from fusion.pooling import Pool
+from fusion.pooling import Pool, project_and_pool
 from fusion.registry import register_head
 
 
@@ -45,9 +45,10 @@ class GatedHead(nn.Module):
         image: torch.Tensor,  # (B, P, D_image)
         image_mask: torch.Tensor,  # (B, P), True = real patch
     ) -> torch.Tensor:
-        text_pooled = self.text_pool(self.text_projection(text), text_mask)  # (B, D)
-        patches = self.image_positions(self.image_projection(image))  # (B, P, D)
-        image_pooled = self.image_pool(patches, image_mask)  # (B, D)
+        text_pooled = project_and_pool(self.text_projection, self.text_pool, text, text_mask)  # (B, D)
+        image_pooled = project_and_pool(
+            self.image_projection, self.image_pool, image, image_mask, self.image_positions
+        )  # (B, D)
         z = torch.sigmoid(self.gate(torch.cat([text_pooled, image_pooled], dim=-1)))  # (B, D), 1 = text
         fused = z * torch.tanh(self.text_transform(text_pooled)) + (1 - z) * torch.tanh(
             self.image_transform(image_pooled)

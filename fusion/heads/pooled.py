@@ -11,7 +11,7 @@ from torch import nn
 
 from fusion.config import HeadConfig
 from fusion.layers import PatchPositions, Projection, classifier
-from fusion.pooling import Pool
+from fusion.pooling import Pool, project_and_pool
 from fusion.registry import register_head
 
 
@@ -40,10 +40,11 @@ class PooledHead(nn.Module):
     ) -> torch.Tensor:
         pooled = []
         if "text" in self.modalities:
-            pooled.append(self.text_pool(self.text_projection(text), text_mask))  # (B, D)
+            pooled.append(project_and_pool(self.text_projection, self.text_pool, text, text_mask))  # (B, D)
         if "image" in self.modalities:
-            patches = self.image_positions(self.image_projection(image))  # (B, P, D)
-            pooled.append(self.image_pool(patches, image_mask))  # (B, D)
+            pooled.append(project_and_pool(
+                self.image_projection, self.image_pool, image, image_mask, self.image_positions
+            ))  # (B, D)
         return self.classifier(torch.cat(pooled, dim=-1))  # (B, C)
 
 
