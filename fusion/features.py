@@ -46,16 +46,26 @@ class PairFeatures:
             self.image_mask[index],
         )
 
-    def batch(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-        """float32 inputs of the head for ``rows``; text is cut to the longest real sequence in the batch."""
-        text_mask = self.text_mask[rows]  # (B, T)
-        length = max(int(text_mask.sum(1).max()), 1)
+    def batch(
+        self, rows: torch.Tensor, inputs: tuple[str, ...] = ("text", "image"), device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, ...]:
+        """float32 inputs of a head for ``rows``, each sequence cut after its last real position in the batch.
+
+        A modality not in ``inputs`` (the head does not read it) becomes one masked position: nothing to copy.
+        """
         return (
-            self.text[rows, :length].float().to(device),  # (B, T', D_text)
-            text_mask[:, :length].to(device),  # (B, T')
-            self.image[rows].float().to(device),  # (B, P, D_image)
-            self.image_mask[rows].to(device),  # (B, P)
+            *_trimmed(self.text, self.text_mask, rows, "text" in inputs, device),  # (B, T', D_text), (B, T')
+            *_trimmed(self.image, self.image_mask, rows, "image" in inputs, device),  # (B, P', D_image), (B, P')
         )
+
+
+def _trimmed(
+    features: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, used: bool, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = mask[rows]  # (B, L)
+    real = mask.any(dim=0).nonzero()  # (L_real, 1) positions real in some row
+    length = int(real[-1]) + 1 if used and len(real) else 1
+    return features[rows, :length].float().to(device), (mask[:, :length] & used).to(device)
 
 
 def load_pair_features(

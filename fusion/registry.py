@@ -2,7 +2,8 @@
 
 A head is one file in ``fusion/heads/`` with ``@register_head("name")`` on its class,
 plus one import line in ``fusion/heads/__init__.py``. The key is the CLI name and is
-stored in each run's ``config.json``.
+stored in each run's ``config.json``. A head takes ``(text, text_mask, image, image_mask)``
+and says in ``modalities`` which of the two it reads: the trainer copies only those.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class HeadTrainer:
             total_loss = 0.0
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
-                logits = model(*train.batch(rows))  # (B, C)
+                logits = model(*train.batch(rows, model.modalities))  # (B, C)
                 loss = classification_loss(
                     logits, targets[rows], kind=config.loss, class_weights=class_weights,
                     label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma,
@@ -104,5 +104,5 @@ def predict_proba(model: torch.nn.Module, features: PairFeatures, batch_size: in
     chunks = []
     for start in range(0, len(features), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(features)))
-        chunks.append(torch.softmax(model(*features.batch(rows)).float(), dim=-1))  # (B, C)
+        chunks.append(torch.softmax(model(*features.batch(rows, model.modalities)).float(), dim=-1))  # (B, C)
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_classes), np.float32)

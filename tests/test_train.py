@@ -171,3 +171,37 @@ def test_batch_cuts_text_to_the_longest_real_sequence(data):
     assert text_mask.shape == (3, longest) and text_mask.dtype == torch.bool
     assert image.shape == (3, P, IMAGE_DIM) and image_mask.shape == (3, P)
     assert torch.equal(text_mask.sum(1), train.text_mask[rows].sum(1))
+
+
+def test_batch_gives_an_unread_or_empty_modality_one_masked_position(data):
+    train, _, _, _ = data
+    rows = torch.tensor([0, 1, 2])
+    text, text_mask, image, image_mask = train.batch(rows, ("text",))
+    assert image.shape == (3, 1, IMAGE_DIM) and not image_mask.any()
+    assert torch.equal(text_mask.sum(1), train.text_mask[rows].sum(1))
+    skipped = torch.nonzero(~train.image_mask.any(1)).flatten()[:2]  # rows whose image was skipped
+    _, _, image, image_mask = train.batch(skipped)
+    assert image.shape == (len(skipped), 1, IMAGE_DIM) and not image_mask.any()
+
+
+@pytest.mark.parametrize("name", ["text-only", "image-only"])
+def test_unimodal_head_predicts_the_same_without_the_other_modality(data, name):
+    """The trainer copies only what a head reads; the unread modality must not matter."""
+    train, y_train, val, y_val = data
+    trainer = HeadTrainer(FitConfig(head=name, epochs=2), head_config()).fit(train, y_train, val, y_val, progress=False)
+    model = trainer.model_
+    full = model(*val.batch(torch.arange(len(val))))
+    reduced = model(*val.batch(torch.arange(len(val)), model.modalities))
+    torch.testing.assert_close(full, reduced)
+
+
+def test_from_encoders_normalises_real_positions_and_keeps_padding_zero():
+    text = torch.randn(2, 3, TEXT_DIM) * 4 + 2
+    text[1, 2] = 0.0  # padding
+    image = torch.randn(2, P, IMAGE_DIM) * 3
+    text_mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    features = PairFeatures.from_encoders(["a", "b"], text, text_mask, image, torch.ones(2, P, dtype=torch.bool))
+    assert features.text.dtype == torch.float16 and features.image.dtype == torch.float16
+    torch.testing.assert_close(features.text[0].float().mean(-1), torch.zeros(3), atol=2e-3, rtol=0)
+    torch.testing.assert_close(features.image.float().std(-1, unbiased=False), torch.ones(2, P), atol=2e-2, rtol=0)
+    assert torch.equal(features.text[1, 2], torch.zeros(TEXT_DIM, dtype=torch.float16))

@@ -31,6 +31,8 @@ def _stack(config: HeadConfig) -> nn.ModuleList:
 
 @register_head("cross-attention")
 class CrossAttentionHead(nn.Module):
+    modalities = ("text", "image")
+
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config

@@ -24,6 +24,8 @@ from fusion.registry import register_head
 
 @register_head("gated")
 class GatedHead(nn.Module):
+    modalities = ("text", "image")
+
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config

@@ -16,6 +16,8 @@ from fusion.registry import register_head
 
 @register_head("late")
 class LateHead(nn.Module):
+    modalities = ("text", "image")
+
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
