@@ -76,8 +76,10 @@ def extract(
 ) -> None:
     """Stage one: encode every pair of train.txt and test_without_label.txt into the HDF5 cache.
 
-    Resumable: a rerun encodes only the guids missing from the cache.
+    A text-only folder (texts.csv: guid,text,tag, e.g. mvsa-multiple-text) gets its texts
+    encoded, for `fit --aux-data`. Resumable: a rerun encodes only the guids missing from the cache.
     """
+    from extract.dataset import is_text_only
     from extract.device import resolve_device
     from extract.registry import create_encoder
     from extract.run import data_guids, extract_features
@@ -87,6 +89,11 @@ def extract(
     kinds = {"text": (text_encoder, {"max_tokens": max_tokens, "normalize": normalize}), "image": (image_encoder, {})}
     if only is not None and only not in kinds:
         raise typer.BadParameter(f"expected 'text' or 'image', got {only!r}", param_hint="--only")
+    if is_text_only(data):
+        if only == "image":
+            raise ValueError(f"{data}: a text-only folder (texts.csv) has no images to extract")
+        typer.echo(f"{data}: text-only folder (texts.csv); extracting text only")
+        only = "text"
     for kind, (name, options) in kinds.items():
         if only not in (None, kind):
             continue

@@ -1,13 +1,17 @@
 """Raw pairs on disk: label files, tweet texts and images in the task's layout.
 
 A data folder holds ``train.txt`` and ``test_without_label.txt`` (CSV ``guid,tag``)
-and ``data/{guid}.txt`` / ``data/{guid}.jpg``. Everything that reads those files
-lives here, so that bad input fails in one place with one clear message.
+and ``data/{guid}.txt`` / ``data/{guid}.jpg``. A *text-only* folder (extra labelled
+tweets without images, e.g. mvsa-multiple-text) holds one ``texts.csv`` (UTF-8,
+``guid,text,tag``) instead: its rows are its train split and it has no test split.
+Everything that reads those files lives here, so that bad input fails in one place
+with one clear message.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,7 @@ LABEL_TO_ID: dict[str, int] = {label: i for i, label in enumerate(LABELS)}
 UNLABELLED = "null"
 TRAIN_FILE = "train.txt"
 TEST_FILE = "test_without_label.txt"
+TEXTS_FILE = "texts.csv"
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,46 @@ def read_label_file(path: Path, *, allow_unlabelled: bool = False) -> list[Label
     return rows
 
 
+def is_text_only(data_dir: Path) -> bool:
+    """A folder of labelled texts without images (``texts.csv``), rather than of pairs."""
+    return (Path(data_dir) / TEXTS_FILE).is_file() and not (Path(data_dir) / TRAIN_FILE).is_file()
+
+
+@functools.lru_cache(maxsize=4)
+def _texts_table(path: Path) -> tuple[list[LabelledGuid], dict[str, str]]:
+    """``texts.csv`` read once: its rows in file order, and guid → text."""
+    rows: list[LabelledGuid] = []
+    texts: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != ["guid", "text", "tag"]:
+            raise ValueError(f"{path}:1: expected header 'guid,text,tag', got {','.join(header or [])!r}")
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 3:
+                raise ValueError(f"{path}:{line_no}: expected 3 columns 'guid,text,tag', got {row!r}")
+            guid, text, tag = row[0].strip(), row[1], row[2].strip()
+            if tag not in LABELS:
+                raise ValueError(f"{path}:{line_no}: unknown tag {tag!r} for guid {guid}; expected one of {LABELS}")
+            if guid in seen:
+                raise ValueError(f"{path}:{line_no}: duplicate guid {guid} (first on line {seen[guid]})")
+            seen[guid] = line_no
+            rows.append(LabelledGuid(guid, tag, line_no))
+            texts[guid] = " ".join(text.split())
+    return rows, texts
+
+
 def read_split(data_dir: Path, split: str) -> list[LabelledGuid]:
     """Rows of ``train`` (labelled) or ``test`` (tags ``null``), checked against ``data/``."""
     data_dir = Path(data_dir)
     files = {"train": (TRAIN_FILE, False), "test": (TEST_FILE, True)}
     if split not in files:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(files)}")
+    if is_text_only(data_dir):
+        return list(_texts_table((data_dir / TEXTS_FILE).resolve())[0]) if split == "train" else []
     name, allow_unlabelled = files[split]
     label_path = data_dir / name
     rows = read_label_file(label_path, allow_unlabelled=allow_unlabelled)
@@ -94,6 +133,11 @@ def decode_text(raw: bytes) -> str:
 
 
 def read_text(data_dir: Path, guid: str) -> str:
+    if is_text_only(data_dir):
+        text = _texts_table((Path(data_dir) / TEXTS_FILE).resolve())[1].get(guid)
+        if text is None:
+            raise FileNotFoundError(f"guid {guid}: not in {Path(data_dir) / TEXTS_FILE}")
+        return text
     path = text_path(data_dir, guid)
     if not path.is_file():
         raise FileNotFoundError(f"guid {guid}: text file not found: {path}")
