@@ -139,6 +139,11 @@ def fit(
         False, "--logit-adjustment", help="Subtract τ·log prior from the logits, τ tuned on validation; predict too."
     ),
     modalities: str = typer.Option("both", help="both | text | image: mask the other modality out (ablation)."),
+    aux_data: Path | None = typer.Option(
+        None, help="Text-only folder (texts.csv, e.g. ../shared/data/mvsa-multiple-text, extracted first) whose "
+        "labelled texts join the training rows without images; never used for validation.",
+    ),
+    aux_per_epoch: float = typer.Option(1.0, help="Auxiliary texts drawn per epoch, as a multiple of training pairs."),
     hidden: int | None = typer.Option(None, help="Head hidden size D (default 128)."),
     num_heads: int | None = typer.Option(None, help="Attention heads (default 4)."),
     layers: int | None = typer.Option(None, help="Attention blocks per branch (default 1)."),
@@ -158,6 +163,7 @@ def fit(
         head=head, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
         balanced_sampling=balanced_sampling, logit_adjustment=logit_adjustment, modalities=modalities,
+        aux_data=str(aux_data or ""), aux_per_epoch=aux_per_epoch,
     ).validate()
     head_options = {
         key: value

@@ -65,6 +65,8 @@ class FitConfig:
     balanced_sampling: bool = False  # draw training rows with probability ∝ 1 / class count (with replacement)
     logit_adjustment: bool = False  # subtract τ·log prior from the logits, τ tuned on validation (calibration.py)
     modalities: str = "both"  # both | text | image: the ablation masks the other modality out, in fit and predict
+    aux_data: str = ""  # a text-only folder (texts.csv) whose labelled texts join the training rows, never validation
+    aux_per_epoch: float = 1.0  # auxiliary texts drawn each epoch, as a multiple of the training pairs
     val_fraction: float = 0.1  # stratified share of train.txt held out for validation
     seed: int = 0  # seeds the split, the initialisation and the batch order
 
@@ -82,6 +84,10 @@ class FitConfig:
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.aux_data and self.modalities == "image":
+            raise ValueError("aux_data adds texts without images: it cannot train a modalities=image head")
+        if self.aux_per_epoch <= 0:
+            raise ValueError(f"aux_per_epoch must be positive, got {self.aux_per_epoch}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:

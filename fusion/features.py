@@ -59,6 +59,45 @@ class PairFeatures:
         )
 
 
+@dataclass
+class JoinedFeatures:
+    """Two feature sets as one training set: rows [0, len(first)) are ``first``'s, the rest ``second``'s.
+
+    The training pairs joined with auxiliary texts (``fit --aux-data``), without copying either.
+    """
+
+    first: PairFeatures
+    second: PairFeatures
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def batch(
+        self, rows: torch.Tensor, inputs: tuple[str, ...] = ("text", "image"), device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, ...]:
+        """As ``PairFeatures.batch``, rows in the order given: each part's sequences padded to the longer."""
+        in_first = rows < len(self.first)  # (B,)
+        picked = [torch.nonzero(in_first).flatten(), torch.nonzero(~in_first).flatten()]  # batch positions per part
+        parts = [
+            part.batch(rows[where] - offset, inputs, device)
+            for part, where, offset in ((self.first, picked[0], 0), (self.second, picked[1], len(self.first)))
+            if len(where)
+        ]
+        restore = torch.argsort(torch.cat(picked)).to(device)  # back to the order of ``rows``
+        joined = []
+        for index in range(0, 4, 2):  # (features, mask) of text, then of image
+            length = max(part[index].shape[1] for part in parts)
+            joined.append(torch.cat([_padded(part[index], length) for part in parts])[restore])
+            joined.append(torch.cat([_padded(part[index + 1], length) for part in parts])[restore])
+        return tuple(joined)
+
+
+def _padded(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L, …) padded with zeros (False for masks) to (B, length, …)."""
+    padding = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
+    return torch.cat([x, padding], dim=1)
+
+
 def _trimmed(
     features: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, used: bool, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +127,18 @@ def load_pair_features(
         torch.from_numpy(image.mask),
     )
     return features, {"text": text.description, "image": image.description}
+
+
+def load_text_features(
+    cache_root: Path, data_dir: Path, guids: list[str], text_encoder: str, image_dim: int, expected: dict[str, Any]
+) -> PairFeatures:
+    """Features of a text-only folder's ``guids``: its text cache, and one masked image position each."""
+    text = load_features(cache_path(cache_root, data_dir, "text", text_encoder), guids, expected)
+    n = len(guids)
+    return PairFeatures.from_encoders(
+        guids, torch.from_numpy(text.features), torch.from_numpy(text.mask),
+        torch.zeros(n, 1, image_dim), torch.zeros(n, 1, dtype=torch.bool),  # (N, 1, D_image), (N, 1): no image
+    )
 
 
 def _normalised(features: torch.Tensor, chunk: int = 256) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from extract.dataset import LABEL_TO_ID, LABELS, read_split
 from fusion.calibration import ADJUSTMENT_KEY, LogitAdjustment, log_prior, stored_adjustment, tune_tau
 from fusion.config import MODALITIES, FitConfig, HeadConfig, from_dict
-from fusion.features import PairFeatures, load_pair_features
+from fusion.features import PairFeatures, load_pair_features, load_text_features
 from fusion.metrics import evaluate, format_report
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, plot_confusion, plot_curves
 from fusion.registry import create_head
@@ -68,6 +68,24 @@ class LabelledFeatures:
     labels: np.ndarray  # (N,) class ids, in train.txt order
     features: PairFeatures  # (N, …) rows in the same order
     descriptions: dict[str, dict[str, Any]]  # the text and image caches' descriptions
+    cache_root: Path = Path("cache")
+    auxiliary: dict[str, tuple[PairFeatures, np.ndarray]] = field(default_factory=dict)  # loaded aux sets by folder
+
+    def aux(self, aux_data: str) -> tuple[PairFeatures, np.ndarray] | None:
+        """The labelled texts of a text-only folder, encoded like this set's texts; loaded once, then kept."""
+        if not aux_data:
+            return None
+        if aux_data not in self.auxiliary:
+            guids, labels = labelled_rows(Path(aux_data))
+            if Path(aux_data).resolve() == self.data_dir.resolve():
+                raise ValueError(f"aux_data {aux_data} is the training data itself")
+            text = self.descriptions["text"]
+            features = load_text_features(
+                self.cache_root, Path(aux_data), guids, text["encoder"], self.descriptions["image"]["dim"],
+                expected=text,  # the same encoder, weights and preprocessing, or it refuses
+            )
+            self.auxiliary[aux_data] = features, labels
+        return self.auxiliary[aux_data]
 
     def head_config(self, head_options: dict[str, Any]) -> HeadConfig:
         """The head's config: sizes from the caches, the rest from ``head_options``."""
@@ -89,7 +107,8 @@ class RunResult:
 def load_labelled(data_dir: Path, cache_root: Path, *, text_encoder: str, image_encoder: str) -> LabelledFeatures:
     guids, labels = labelled_rows(data_dir)
     features, descriptions = load_pair_features(cache_root, data_dir, guids, text_encoder, image_encoder)
-    return LabelledFeatures(Path(data_dir), guids, labels, features, descriptions)
+    return LabelledFeatures(Path(data_dir), guids, labels, features, descriptions, Path(cache_root))
+
 
 
 def with_modalities(features: PairFeatures, modalities: str) -> PairFeatures:
@@ -161,7 +180,8 @@ def fit_rows(
     features = with_modalities(labelled.features, fit_config.modalities)
     val = features.subset(val_rows)
     trainer = HeadTrainer(fit_config, head_config).fit(
-        features.subset(train_rows), labels[train_rows], val, labels[val_rows], progress=progress,
+        features.subset(train_rows), labels[train_rows], val, labels[val_rows],
+        aux=labelled.aux(fit_config.aux_data), progress=progress,
     )
     val_probabilities = predict_proba(trainer.model_, val)  # (N_val, C)
     adjustment, validation = LogitAdjustment(), trainer.val_metrics_

@@ -18,3 +18,12 @@ def epoch_order(labels: np.ndarray, balanced: bool, generator: torch.Generator) 
     counts = np.bincount(labels)  # (C,)
     weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)  # (N,)
     return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+
+
+def with_auxiliary(
+    order: torch.Tensor, offset: int, available: int, draws: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``order`` plus ``draws`` distinct auxiliary rows (indices from ``offset``), all shuffled together."""
+    extra = offset + torch.randperm(available, generator=generator)[: min(draws, available)]  # (K,)
+    joined = torch.cat([order, extra])
+    return joined[torch.randperm(len(joined), generator=generator)]

@@ -419,6 +419,8 @@ def sweep_from_cache(
     out = prepare_run_dir(out, overwrite)
     echo(f"{len(trials)} configurations × {options.folds} fold(s); loading the cached features once")
     labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
+    for trial in trials:  # auxiliary texts too are loaded once, before any worker forks
+        labelled.aux(trial.fit_config.aux_data)
     rows = run_sweep(labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo)
     return trials, rows
 

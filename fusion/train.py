@@ -11,11 +11,11 @@ import torch
 from tqdm import tqdm
 
 from fusion.config import FitConfig, HeadConfig
-from fusion.features import PairFeatures
+from fusion.features import JoinedFeatures, PairFeatures
 from fusion.losses import classification_loss, inverse_frequency_weights
 from fusion.metrics import evaluate
 from fusion.registry import create_head
-from fusion.sampling import epoch_order
+from fusion.sampling import epoch_order, with_auxiliary
 
 
 class HeadTrainer:
@@ -36,8 +36,10 @@ class HeadTrainer:
         val: PairFeatures,
         y_val: np.ndarray,
         *,
+        aux: tuple[PairFeatures, np.ndarray] | None = None,
         progress: bool = True,
     ) -> HeadTrainer:
+        """Train on ``train`` (plus ``config.aux_per_epoch`` × N rows of ``aux`` each epoch), select on ``val``."""
         config = self.fit_config
         started = time.perf_counter()
         torch.manual_seed(config.seed)
@@ -48,16 +50,23 @@ class HeadTrainer:
             inverse_frequency_weights(y_train, self.head_config.num_classes) if config.class_weights else None
         )
         targets = torch.as_tensor(y_train, dtype=torch.long)
+        rows_of: PairFeatures | JoinedFeatures = train
+        if aux is not None:
+            rows_of = JoinedFeatures(train, aux[0])
+            targets = torch.cat([targets, torch.as_tensor(aux[1], dtype=torch.long)])
+            aux_draws = round(config.aux_per_epoch * len(train))
         best_f1, best_state, stale = -1.0, None, 0
         self.history_: list[dict[str, Any]] = []
         bar = tqdm(range(1, config.epochs + 1), desc=f"fit {config.head}", unit="epoch", disable=not progress)
         for epoch in bar:
             model.train()
             order = epoch_order(y_train, config.balanced_sampling, generator)  # (N,)
+            if aux is not None:
+                order = with_auxiliary(order, len(train), len(aux[0]), aux_draws, generator)  # (N + K,)
             total_loss = 0.0
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
-                logits = model(*train.batch(rows, model.modalities))  # (B, C)
+                logits = model(*rows_of.batch(rows, model.modalities))  # (B, C)
                 loss = classification_loss(
                     logits, targets[rows], kind=config.loss, class_weights=class_weights,
                     label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma,
@@ -72,7 +81,7 @@ class HeadTrainer:
             ))
             metrics = evaluate(y_val, probabilities.argmax(1))
             self.history_.append({
-                "epoch": epoch, "train_loss": total_loss / len(train), "val_loss": val_loss,
+                "epoch": epoch, "train_loss": total_loss / len(order), "val_loss": val_loss,
                 "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
             })
             bar.set_postfix(val_f1=f"{metrics['macro_f1']:.3f}", best=f"{max(best_f1, metrics['macro_f1']):.3f}")
