@@ -83,13 +83,14 @@ class JoinedFeatures:
             for part, where, offset in ((self.first, picked[0], 0), (self.second, picked[1], len(self.first)))
             if len(where)
         ]
-        restore = torch.argsort(torch.cat(picked)).to(device)  # back to the order of ``rows``
         joined = []
-        for index in range(0, 4, 2):  # (features, mask) of text, then of image
-            length = max(part[index].shape[1] for part in parts)
-            joined.append(torch.cat([_padded(part[index], length) for part in parts])[restore])
-            joined.append(torch.cat([_padded(part[index + 1], length) for part in parts])[restore])
-        return tuple(joined)
+        for index in range(4):  # text, text mask, image, image mask
+            length = max(part[index & ~1].shape[1] for part in parts)  # the features' length pads the mask too
+            joined.append(torch.cat([_padded(part[index], length) for part in parts]))
+        if torch.equal(picked[0], torch.arange(len(picked[0]))):  # sorted rows (the trainer's): already in order
+            return tuple(joined)
+        restore = torch.argsort(torch.cat(picked)).to(device)  # back to the order of ``rows``
+        return tuple(x[restore] for x in joined)
 
 
 def _padded(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -66,6 +66,8 @@ class HeadTrainer:
             total_loss = 0.0
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
+                if aux is not None:
+                    rows = rows.sort().values  # pairs first, auxiliary texts after: no reordering of the batch
                 logits = model(*rows_of.batch(rows, model.modalities))  # (B, C)
                 loss = classification_loss(
                     logits, targets[rows], kind=config.loss, class_weights=class_weights,
