@@ -7,7 +7,9 @@ CLI name and the name stored in caches and run folders.
 Names outside the registry still work where a library can resolve them: a Hugging
 Face model id or local folder as ``hf:<id>`` (or a plain existing folder) for text,
 any torchvision classification backbone as ``tv:<name>`` for images, and a CLIP
-checkpoint (hub id or local folder) as ``clip:<id>`` for either side.
+checkpoint (hub id or local folder) as ``clip:<id>`` for either side. A text encoder
+name ending in ``+ocr`` (``minilm+ocr``) is that encoder reading the text inside each
+post's image as a second segment (``extract.ocr``): its own cache file, its own name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:  # the encoder modules import this registry to register themse
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {}
 IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
+OCR_SUFFIX = "+ocr"
 
 
 def _register(table: dict[str, Callable[..., Any]], kind: str, name: str):
@@ -52,6 +55,11 @@ def create_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
     from extract.encoders.hf_text import HFTextEncoder
 
     kwargs = _drop_none(kwargs)
+    if name.endswith(OCR_SUFFIX):
+        kwargs.pop("ocr", None)  # a run folder's options repeat what the suffix says
+        encoder = create_text_encoder(name[: -len(OCR_SUFFIX)], ocr=True, **kwargs)
+        encoder.name = name
+        return encoder
     if name in TEXT_ENCODERS:
         return TEXT_ENCODERS[name](**kwargs)
     if name.startswith("hf:"):

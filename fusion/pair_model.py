@@ -67,6 +67,9 @@ class RawPairs(torch.utils.data.Dataset):
         self.text_encoder, self.image_encoder = model.text_encoder, model.image_encoder
         self.data_dir, self.guids, self.augment = Path(data_dir), guids, augment
         self.labels = labels if labels is not None else [-1] * len(guids)
+        if getattr(self.text_encoder, "ocr", False):  # image text read here once, not in every worker every epoch
+            for guid in guids:
+                self.text_encoder.read(self.data_dir, guid)
 
     def __len__(self) -> int:
         return len(self.guids)

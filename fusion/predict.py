@@ -17,6 +17,7 @@ import torch
 from extract.cache import check_identity
 from extract.dataset import LABELS, load_image, read_split
 from extract.device import resolve_device
+from extract.ocr import ocr_path, read_ocr
 from fusion.config import HeadConfig, from_dict
 from fusion.features import PairFeatures, load_pair_features
 from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
@@ -57,6 +58,8 @@ def predict_submission(run_dir: Path, data_dir: Path, cache_root: Path, out: Pat
     if config.get("kind") == "finetune":
         model = load_finetuned(run_dir, config)
         device = resolve_device("auto")
+        if getattr(model.text_encoder, "ocr", False):
+            model.text_encoder.ocr_texts.update(read_ocr(ocr_path(cache_root, data_dir)))
         pairs = RawPairs(model, data_dir, guids)
         probabilities = predict_raw(model.to(device), pairs, device=device, progress=True).numpy()
         write_submission(out, guids, probabilities.argmax(1))
@@ -85,15 +88,17 @@ def predict_post(run_dir: Path, text: str, image: Path) -> dict[str, float]:
     config = read_config(run_dir)
     if config.get("kind") == "finetune":
         model = load_finetuned(run_dir, config)
-        text_inputs = model.text_encoder.collate([" ".join(text.split())])
-        pixels = model.image_encoder.pixels(load_image(Path(image), "<post>"))[None]  # (1, 3, S, S)
+        picture = load_image(Path(image), "<post>")
+        text_inputs = model.text_encoder.collate([model.text_encoder.post_item(text, picture)])
+        pixels = model.image_encoder.pixels(picture)[None]  # (1, 3, S, S)
         probabilities = torch.softmax(model(text_inputs, pixels), dim=-1)[0]  # (C,)
         return {label: float(p) for label, p in zip(LABELS, probabilities)}
     model, config = load_head(run_dir)
     encoders = load_encoders(config["encoders"])
-    text_tokens, text_mask = encoders["text"].encode([" ".join(text.split())])  # (1, T, D_text), (1, T)
+    picture = load_image(Path(image), "<post>")
+    text_tokens, text_mask = encoders["text"].encode([encoders["text"].post_item(text, picture)])  # (1, T, D_text)
     image_encoder = encoders["image"]
-    image_patches, image_mask = image_encoder.encode([image_encoder.pixels(load_image(Path(image), "<post>"))])
+    image_patches, image_mask = image_encoder.encode([image_encoder.pixels(picture)])
     post = PairFeatures.from_encoders(["<post>"], text_tokens, text_mask, image_patches, image_mask)
     probabilities = predict_run(run_dir, model, config, post)[0]  # (C,)
     return {label: float(p) for label, p in zip(LABELS, probabilities)}

@@ -70,6 +70,10 @@ class Encoder(nn.Module):
 class TextEncoder(Encoder):
     kind = "text"
 
+    def post_item(self, text: str, image: Any) -> Any:
+        """The raw item of a new post (text, and its PIL image for encoders that read text in images)."""
+        return " ".join(text.split())
+
 
 class ImageEncoder(Encoder):
     kind = "image"

