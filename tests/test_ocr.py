@@ -1,0 +1,73 @@
+"""OCR stage: text drawn in a generated image is found, cached, resumed; '+ocr' text encoders read it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from extract.dataset import image_path, read_split
+from extract.ocr import clean_ocr_text, extract_ocr, ocr_path, read_ocr
+from extract.registry import create_text_encoder
+
+
+def draw_text(path, text: str) -> None:
+    image = Image.new("RGB", (480, 120), (255, 255, 255))
+    ImageDraw.Draw(image).text((20, 30), text, fill=(0, 0, 0), font=ImageFont.load_default(size=44))
+    image.save(path)
+
+
+class CountingReader:
+    """Stands in for rapidocr where only the caching is under test."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, image: Image.Image) -> str:
+        self.calls += 1
+        return f"text {self.calls}"
+
+
+def test_rapidocr_finds_drawn_text_and_caches_it(data_dir, tmp_path):
+    pytest.importorskip("rapidocr_onnxruntime")
+    guid = read_split(data_dir, "train")[0].guid
+    draw_text(image_path(data_dir, guid), "HAPPY FRIDAY")
+    texts = extract_ocr(data_dir, tmp_path / "cache", [guid], progress=False)
+    assert "HAPPY" in texts[guid].upper() and "FRIDAY" in texts[guid].upper()
+    assert read_ocr(ocr_path(tmp_path / "cache", data_dir)) == texts
+
+
+def test_ocr_cache_resumes_and_survives_a_torn_line(data_dir, tmp_path):
+    guids = [row.guid for row in read_split(data_dir, "train")][:4]
+    reader = CountingReader()
+    first = extract_ocr(data_dir, tmp_path, guids[:2], progress=False, reader=reader)
+    assert reader.calls == 2 and list(first) == guids[:2]
+    path = ocr_path(tmp_path, data_dir)
+    with path.open("a") as handle:
+        handle.write('{"guid": "torn", "te')  # an interrupted write
+    texts = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=reader)
+    assert reader.calls == 4  # only the two new guids were read
+    assert texts == {guids[0]: "text 1", guids[1]: "text 2", guids[2]: "text 3", guids[3]: "text 4"}
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["guid"] for line in lines] == guids  # the torn line is gone
+
+
+def test_clean_ocr_text_splits_glued_words_and_collapses_space():
+    assert clean_ocr_text("Ihavefamily.   ok\nDAY") == "I have family. ok DAY"
+
+
+def test_ocr_text_encoder_takes_the_image_text_as_a_second_segment(tiny_text_encoder_dir, data_dir):
+    plain = create_text_encoder(str(tiny_text_encoder_dir), max_tokens=16)
+    with_ocr = create_text_encoder(str(tiny_text_encoder_dir) + "+ocr", max_tokens=16)
+    assert with_ocr.name.endswith("+ocr") and with_ocr.options["ocr"] is True
+    assert with_ocr.preprocessing() != plain.preprocessing()  # its cache can never pass for the plain one
+    guid = read_split(data_dir, "train")[0].guid
+    with_ocr.ocr_texts[guid] = "happy"
+    text, image_text = with_ocr.read(data_dir, guid)
+    assert image_text == "happy" and text == plain.read(data_dir, guid)
+    batch = with_ocr.collate([(text, "happy"), (text, "")])
+    assert (batch["token_type_ids"][0] == 1).any()  # the image text is the second segment
+    assert torch.equal(batch["input_ids"][1][batch["attention_mask"][1].bool()][:-1],
+                       plain.collate([text])["input_ids"][0][plain.collate([text])["attention_mask"][0].bool()])
