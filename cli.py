@@ -199,7 +199,10 @@ def fit(
 @app.command()
 @_one_line_errors
 def predict(
-    run: Path = typer.Option(..., "--run", help="Run folder written by fit (or finetune)."),
+    run: list[Path] = typer.Option(
+        ..., "--run", help="Run folder written by fit or finetune; repeat it, or give a K-fold sweep trial's folder "
+        "(fold-*/ runs inside), to predict with the average of their probabilities.",
+    ),
     data: Path = DataOption,
     cache: Path = CacheOption,
     out: Path | None = typer.Option(None, "--out", help="Submission CSV to write (guid,tag for every test row)."),

@@ -1,7 +1,9 @@
-"""Predictions from a run folder: the submission file, or one new post encoded on the fly.
+"""Predictions from run folders: the submission file, or one new post encoded on the fly.
 
 A ``fit`` run's head reads the cached features; a ``finetune`` run trained its encoders
 too, so its whole model (encoders and head, from ``model.pt``) runs on the raw pairs.
+Several runs (or a K-fold sweep trial's folder, which holds ``fold-*`` runs) predict as
+an ensemble: the average of their class probabilities.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fusion.config import HeadConfig, from_dict
 from fusion.features import PairFeatures, load_pair_features
 from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
 from fusion.registry import create_head
-from fusion.run import WEIGHTS_FILE, load_head, predict_run, read_config
+from fusion.run import CONFIG_FILE, WEIGHTS_FILE, load_head, predict_run, read_config
 
 
 def write_submission(path: Path, guids: list[str], predictions: np.ndarray) -> None:
@@ -48,12 +50,23 @@ def load_finetuned(run_dir: Path, config: dict[str, Any]) -> PairModel:
     return model.eval()
 
 
-def predict_submission(run_dir: Path, data_dir: Path, cache_root: Path, out: Path) -> np.ndarray:
-    """Label every row of ``test_without_label.txt``; returns the probabilities (N, C).
+def expand_runs(paths: list[Path]) -> list[Path]:
+    """Run folders to average: each path is a run, or a folder of ``fold-*`` runs (a K-fold sweep trial)."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        folds = sorted(path.glob("fold-*/config.json"))
+        if (path / CONFIG_FILE).is_file() or not folds:
+            runs.append(path)  # read_config names a folder that is neither
+        else:
+            runs.extend(config.parent for config in folds)
+    return runs
+
+
+def run_probabilities(run_dir: Path, data_dir: Path, cache_root: Path, guids: list[str]) -> np.ndarray:
+    """Class probabilities (N, C) of one run for ``guids`` of ``data_dir``.
 
     A fit run reads the cached features; a finetune run encodes the raw pairs with its own encoders.
     """
-    guids = [row.guid for row in read_split(data_dir, "test")]
     config = read_config(run_dir)
     if config.get("kind") == "finetune":
         model = load_finetuned(run_dir, config)
@@ -61,15 +74,19 @@ def predict_submission(run_dir: Path, data_dir: Path, cache_root: Path, out: Pat
         if getattr(model.text_encoder, "ocr", False):
             model.text_encoder.ocr_texts.update(read_ocr(ocr_path(cache_root, data_dir)))
         pairs = RawPairs(model, data_dir, guids)
-        probabilities = predict_raw(model.to(device), pairs, device=device, progress=True).numpy()
-        write_submission(out, guids, probabilities.argmax(1))
-        return probabilities
+        return predict_raw(model.to(device), pairs, device=device, progress=True).numpy()
     model, config = load_head(run_dir)
     encoders = config["encoders"]
     features, _ = load_pair_features(
         cache_root, data_dir, guids, encoders["text"]["encoder"], encoders["image"]["encoder"], expected=encoders
     )
-    probabilities = predict_run(run_dir, model, config, features)  # (N, C)
+    return predict_run(run_dir, model, config, features)  # (N, C)
+
+
+def predict_submission(runs: list[Path], data_dir: Path, cache_root: Path, out: Path) -> np.ndarray:
+    """Label every row of ``test_without_label.txt`` with the runs' mean probabilities; returns them (N, C)."""
+    guids = [row.guid for row in read_split(data_dir, "test")]
+    probabilities = np.mean([run_probabilities(run, data_dir, cache_root, guids) for run in expand_runs(runs)], axis=0)
     write_submission(out, guids, probabilities.argmax(1))
     return probabilities
 
@@ -83,8 +100,7 @@ def load_encoders(descriptions: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def predict_post(run_dir: Path, text: str, image: Path) -> dict[str, float]:
-    """Class probabilities of one post; the encoders run here, no cache needed."""
+def _post_probabilities(run_dir: Path, text: str, image: Path) -> dict[str, float]:
     config = read_config(run_dir)
     if config.get("kind") == "finetune":
         model = load_finetuned(run_dir, config)
@@ -102,3 +118,9 @@ def predict_post(run_dir: Path, text: str, image: Path) -> dict[str, float]:
     post = PairFeatures.from_encoders(["<post>"], text_tokens, text_mask, image_patches, image_mask)
     probabilities = predict_run(run_dir, model, config, post)[0]  # (C,)
     return {label: float(p) for label, p in zip(LABELS, probabilities)}
+
+
+def predict_post(runs: list[Path], text: str, image: Path) -> dict[str, float]:
+    """Class probabilities of one post, averaged over the runs; the encoders run here, no cache needed."""
+    each = [_post_probabilities(run, text, image) for run in expand_runs(runs)]
+    return {label: float(np.mean([p[label] for p in each])) for label in LABELS}

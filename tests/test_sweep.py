@@ -13,7 +13,7 @@ from conftest import TINY_MAX_TOKENS, write_data_dir
 from typer.testing import CliRunner
 
 import cli
-from extract.dataset import read_split
+from extract.dataset import LABELS, read_split
 from extract.registry import create_text_encoder
 from extract.run import extract_features
 from fusion.calibration import LogitAdjustment, log_prior, tune_tau
@@ -187,7 +187,7 @@ def test_2x2_grid_writes_4_runs_and_a_leaderboard(tiny_cache, tmp_path):
     assert saved["folds"] == 1 and len(saved["fits"]) == 4 and saved["leaderboard"] == json.loads(json.dumps(rows))
 
     best = Path(rows[0]["run"])  # a normal run folder: predict accepts it
-    probabilities = predict_submission(best, tiny_cache["data_dir"], tiny_cache["cache_root"], tmp_path / "sub.csv")
+    probabilities = predict_submission([best], tiny_cache["data_dir"], tiny_cache["cache_root"], tmp_path / "sub.csv")
     assert probabilities.shape == (6, 3) and (tmp_path / "sub.csv").is_file()
 
 
@@ -230,7 +230,7 @@ def test_logit_adjustment_is_stored_applied_by_predict_and_cross_fitted(tiny_cac
     test, _ = load_pair_features(cache_root, data_dir, [row.guid for row in read_split(data_dir, "test")],
                                  tiny_cache["text_encoder"], tiny_cache["image_encoder"])
     raw = predict_proba(model, test)  # (N_test, C)
-    adjusted = predict_submission(fold, data_dir, cache_root, tmp_path / "sub.csv")
+    adjusted = predict_submission([fold], data_dir, cache_root, tmp_path / "sub.csv")
     np.testing.assert_allclose(adjusted, LogitAdjustment(**metrics["logit_adjustment"]).apply(raw), atol=1e-6)
     np.testing.assert_allclose(adjusted, predict_run(fold, model, run_config, test), atol=1e-6)
     assert adjusted[:, 1].mean() > raw[:, 1].mean()  # towards the class of the smallest prior
@@ -294,3 +294,23 @@ def test_ablate_prints_three_rows(tiny_cache, tmp_path):
     bad = CliRunner().invoke(cli.app, ["ablate", *cli_args(tiny_cache), "--out", str(tmp_path / "b"),
                                        "--set", "head=concat"])
     assert bad.exit_code == 1 and "choose the head with --head" in bad.output
+
+
+def test_fold_ensemble_predict_averages_the_fold_runs_probabilities(tiny_cache, tmp_path):
+    from fusion.predict import expand_runs, run_probabilities
+
+    run(tiny_cache, tmp_path / "sweep", [TINY | {"head": ["gated"]}], folds=3)
+    trial = next((tmp_path / "sweep" / "runs").iterdir())
+    folds = expand_runs([trial])
+    assert [f.name for f in folds] == ["fold-0", "fold-1", "fold-2"]
+    data_dir, cache_root = tiny_cache["data_dir"], tiny_cache["cache_root"]
+    guids = [row.guid for row in read_split(data_dir, "test")]
+    each = [run_probabilities(fold, data_dir, cache_root, guids) for fold in folds]  # 3 × (N_test, C)
+    assert not np.allclose(each[0], each[1])  # the folds are different models
+    ensemble = predict_submission([trial], data_dir, cache_root, tmp_path / "sub.csv")
+    np.testing.assert_allclose(ensemble, np.mean(each, axis=0), atol=1e-7)
+    written = read_csv(tmp_path / "sub.csv")
+    assert [row["guid"] for row in written] == guids
+    assert [row["tag"] for row in written] == [LABELS[i] for i in ensemble.argmax(1)]
+    # Naming the folds one by one is the same ensemble.
+    np.testing.assert_allclose(predict_submission(folds, data_dir, cache_root, tmp_path / "sub2.csv"), ensemble)
