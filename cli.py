@@ -34,7 +34,7 @@ CacheOption = typer.Option(DEFAULT_CACHE, "--cache", help="Root folder of the HD
 TextEncoderOption = typer.Option(
     DEFAULT_TEXT_ENCODER, "--text-encoder",
     help="Text encoder: minilm (embedded, offline), bert-base-uncased (hub), hf:<model id>, or a local model folder; "
-    "append +ocr (minilm+ocr) to add the text found in each image.",
+    "append +norm (every tweet normalisation rule) and/or +ocr (the text found in each image): minilm+norm+ocr.",
 )
 ImageEncoderOption = typer.Option(
     DEFAULT_IMAGE_ENCODER, "--image-encoder",

@@ -7,9 +7,11 @@ CLI name and the name stored in caches and run folders.
 Names outside the registry still work where a library can resolve them: a Hugging
 Face model id or local folder as ``hf:<id>`` (or a plain existing folder) for text,
 any torchvision classification backbone as ``tv:<name>`` for images, and a CLIP
-checkpoint (hub id or local folder) as ``clip:<id>`` for either side. A text encoder
-name ending in ``+ocr`` (``minilm+ocr``) is that encoder reading the text inside each
-post's image as a second segment (``extract.ocr``): its own cache file, its own name.
+checkpoint (hub id or local folder) as ``clip:<id>`` for either side.
+
+Text encoder names take variants as ``+`` suffixes, each its own cache file and name:
+``+norm`` normalises tweets with every rule of ``extract.normalize``, ``+ocr`` adds the
+text inside each post's image as a second segment (``extract.ocr``): ``minilm+norm+ocr``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ if TYPE_CHECKING:  # the encoder modules import this registry to register themse
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {}
 IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
-OCR_SUFFIX = "+ocr"
+TEXT_VARIANTS: dict[str, dict[str, Any]] = {"norm": {"normalize": "all"}, "ocr": {"ocr": True}}
 
 
 def _register(table: dict[str, Callable[..., Any]], kind: str, name: str):
@@ -55,9 +57,14 @@ def create_text_encoder(name: str, **kwargs: Any) -> TextEncoder:
     from extract.encoders.hf_text import HFTextEncoder
 
     kwargs = _drop_none(kwargs)
-    if name.endswith(OCR_SUFFIX):
-        kwargs.pop("ocr", None)  # a run folder's options repeat what the suffix says
-        encoder = create_text_encoder(name[: -len(OCR_SUFFIX)], ocr=True, **kwargs)
+    base, *variants = name.split("+")
+    if variants:
+        unknown = [v for v in variants if v not in TEXT_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown} in text encoder {name!r}; expected {sorted(TEXT_VARIANTS)}")
+        for variant in variants:
+            kwargs |= TEXT_VARIANTS[variant]  # a run folder's recorded options say the same
+        encoder = create_text_encoder(base, **kwargs)
         encoder.name = name
         return encoder
     if name in TEXT_ENCODERS:

@@ -69,5 +69,32 @@ def test_ocr_text_encoder_takes_the_image_text_as_a_second_segment(tiny_text_enc
     assert image_text == "happy" and text == plain.read(data_dir, guid)
     batch = with_ocr.collate([(text, "happy"), (text, "")])
     assert (batch["token_type_ids"][0] == 1).any()  # the image text is the second segment
-    assert torch.equal(batch["input_ids"][1][batch["attention_mask"][1].bool()][:-1],
-                       plain.collate([text])["input_ids"][0][plain.collate([text])["attention_mask"][0].bool()])
+    alone = plain.collate([text])
+    real = batch["attention_mask"][1].bool()
+    assert torch.equal(batch["input_ids"][1][real], alone["input_ids"][0])  # no image text: the tweet alone
+
+
+def test_empty_image_text_changes_nothing(tiny_text_encoder_dir):
+    plain = create_text_encoder(str(tiny_text_encoder_dir), max_tokens=16)
+    with_ocr = create_text_encoder(str(tiny_text_encoder_dir) + "+ocr", max_tokens=16)
+    with_ocr.load_state_dict(plain.state_dict())
+    texts = ["happy sunny day", "sad rain"]
+    features, mask = with_ocr.eval().encode([(texts[0], ""), (texts[1], "")])
+    expected, expected_mask = plain.eval().encode(texts)
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(features, expected)
+    with_text, with_text_mask = with_ocr.encode([(texts[0], "great news"), (texts[1], "")])
+    assert with_text_mask[0].sum() > expected_mask[0].sum()  # image text adds real tokens
+    torch.testing.assert_close(with_text[1][with_text_mask[1]], expected[1][expected_mask[1]])
+
+
+def test_text_encoder_variants_combine_and_unknown_ones_fail(tiny_text_encoder_dir):
+    from extract.normalize import resolve_rules
+
+    both = create_text_encoder(str(tiny_text_encoder_dir) + "+norm+ocr", max_tokens=16)
+    assert both.ocr and both.normalize == resolve_rules("all")
+    assert both.name == str(tiny_text_encoder_dir) + "+norm+ocr"
+    rebuilt = create_text_encoder(both.name, **both.options)  # as a run folder rebuilds it
+    assert rebuilt.describe() == both.describe()
+    with pytest.raises(ValueError, match="unknown variant.*'emoji'"):
+        create_text_encoder(str(tiny_text_encoder_dir) + "+emoji")

@@ -89,16 +89,17 @@ class HFTextEncoder(TextEncoder):
 
     def collate(self, items: list[str] | list[tuple[str, str]]) -> dict[str, torch.Tensor]:
         """Tokenise tweets, or (tweet, image text) pairs; truncation shortens the longer segment first."""
-        if self.ocr:
-            texts, image_texts = zip(*items) if items else ((), ())
-            second: list[str] | None = [normalize_text(text, self.normalize) for text in image_texts]
-        else:
-            texts, second = items, None
-        batch = self.tokenizer(
-            [normalize_text(text, self.normalize) for text in texts], second, padding=True, truncation=True,
-            max_length=self.max_tokens, return_tensors="pt",
-        )
-        return dict(batch)
+        if not self.ocr:
+            texts = [normalize_text(text, self.normalize) for text in items]
+            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
+                                       return_tensors="pt"))
+        # One by one: a pair without image text is tokenised as the tweet alone, exactly as without OCR.
+        encoded = [
+            self.tokenizer(normalize_text(text, self.normalize), normalize_text(image_text, self.normalize) or None,
+                           truncation=True, max_length=self.max_tokens)
+            for text, image_text in items
+        ]
+        return dict(self.tokenizer.pad(encoded, return_tensors="pt"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **rest: torch.Tensor):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rest)
@@ -122,7 +123,7 @@ class HFTextEncoder(TextEncoder):
             "max_tokens": self.max_tokens,
             "text": "utf-8 else gb18030, whitespace collapsed",
             **preprocessing_record(self.normalize),
-        } | ({"ocr": "rapidocr, second segment"} if self.ocr else {})
+        } | ({"ocr": "rapidocr, second segment, none when empty"} if self.ocr else {})
 
 
 @register_text_encoder("minilm")
