@@ -48,6 +48,7 @@ from fusion.split import stratified_folds, stratified_split
 CACHE_DERIVED = ("text_dim", "image_dim", "image_length", "num_classes")  # set from the cache, never swept
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 HEAD_KEYS = tuple(f.name for f in fields(HeadConfig) if f.name not in CACHE_DERIVED)
+ENCODER_KEYS = ("text_encoder", "image_encoder")  # which caches a trial reads; each distinct pair is loaded once
 FIELD_TYPES: dict[str, type] = get_type_hints(FitConfig) | get_type_hints(HeadConfig)  # int, float, bool or str
 METRICS = ("macro_f1", "accuracy", "weighted_f1", "neutral_recall")
 BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -79,6 +80,7 @@ class Trial:
     options: dict[str, Any]  # every option the grid sets
     fit_config: FitConfig = field(repr=False)
     head_options: dict[str, Any] = field(repr=False)
+    encoders: tuple[str, str] = field(default=("", ""), repr=False)  # (text, image) caches; "" = the sweep's own
 
     @property
     def folder(self) -> str:
@@ -106,9 +108,9 @@ def parse_value(key: str, value: Any) -> Any:
     """``value`` (a YAML/JSON value or a command-line string) as the type of option ``key``."""
     if key in CACHE_DERIVED:
         raise ValueError(f"{key} is set from the cache and cannot be swept")
-    if key not in FIELD_TYPES:
-        raise ValueError(f"unknown sweep key {key!r}; choose from {sorted(FIT_KEYS + HEAD_KEYS)}")
-    kind = FIELD_TYPES[key]
+    if key not in FIELD_TYPES and key not in ENCODER_KEYS:
+        raise ValueError(f"unknown sweep key {key!r}; choose from {sorted(FIT_KEYS + HEAD_KEYS + ENCODER_KEYS)}")
+    kind = FIELD_TYPES.get(key, str)
     if isinstance(value, str) and kind is bool and value.strip().lower() in BOOLEANS:
         return BOOLEANS[value.strip().lower()]
     if isinstance(value, str) and kind in (int, float):
@@ -118,8 +120,8 @@ def parse_value(key: str, value: Any) -> Any:
             raise ValueError(f"{key}={value!r} is not a valid {kind.__name__}") from None
     if kind is float and type(value) is int:
         value = float(value)
-    if type(value) is not kind:
-        raise ValueError(f"{key}={value!r} is not a valid {kind.__name__}")
+    if type(value) is not kind or (key in ENCODER_KEYS and not value.strip()):
+        raise ValueError(f"{key}={value!r} is not a valid {'encoder name' if key in ENCODER_KEYS else kind.__name__}")
     return value
 
 
@@ -157,14 +159,15 @@ def build_grids(grid_file: Path | None, sets: list[str]) -> list[Grid]:
     return [grid | overrides for grid in grids]
 
 
-def plan_trials(grids: list[Grid]) -> list[Trial]:
+def plan_trials(grids: list[Grid], encoders: tuple[str, str] = ("", "")) -> list[Trial]:
     """Every combination of every sub-grid, in order, each config validated now.
 
     A combination equal to an earlier one once the defaults are filled in is dropped, so sub-grids that
     vary one option each around a shared base fit that base once. A trial is named by the options it
-    sets that vary across the grid.
+    sets that vary across the grid. ``encoders`` are the sweep's (text, image) encoders, the default
+    of the grid keys ``text_encoder`` and ``image_encoder``.
     """
-    defaults = asdict(FitConfig()) | asdict(HeadConfig())
+    defaults = asdict(FitConfig()) | asdict(HeadConfig()) | dict(zip(ENCODER_KEYS, encoders))
     combos: dict[str, dict[str, Any]] = {}  # resolved options (as JSON) → the first combination giving them
     for grid in grids:
         for values in itertools.product(*grid.values()):
@@ -178,7 +181,8 @@ def plan_trials(grids: list[Grid]) -> list[Trial]:
         head_options = {k: v for k, v in combo.items() if k in HEAD_KEYS}
         HeadConfig(**head_options).validate()
         name = " ".join(f"{key}={combo[key]}" for key in varying if key in combo) or "defaults"
-        trials.append(Trial(index, name, combo, fit_config, head_options))
+        pair = tuple(combo.get(key, defaults[key]) for key in ENCODER_KEYS)
+        trials.append(Trial(index, name, combo, fit_config, head_options, pair))
     return trials
 
 
@@ -197,7 +201,7 @@ def _splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> list[tup
 
 def _fit_fold(task: tuple[Trial, int]) -> FoldResult:
     trial, fold = task
-    labelled: LabelledFeatures = _SHARED["labelled"]
+    labelled: LabelledFeatures = _SHARED["labelled"][trial.encoders]
     options: SweepOptions = _SHARED["options"]
     train_rows, val_rows = _splits(labelled.labels, trial, options)[fold]
     run = _SHARED["out"] / "runs" / trial.folder
@@ -213,13 +217,16 @@ def _fit_fold(task: tuple[Trial, int]) -> FoldResult:
 
 
 def fit_trials(
-    labelled: LabelledFeatures,
+    labelled: dict[tuple[str, str], LabelledFeatures],
     out: Path,
     trials: list[Trial],
     options: SweepOptions,
     echo: Callable[[str], None] = print,
 ) -> list[FoldResult]:
-    """Fit every trial on every fold (in ``options.jobs`` processes); results in (trial, fold) order."""
+    """Fit every trial on every fold (in ``options.jobs`` processes); results in (trial, fold) order.
+
+    ``labelled`` holds the loaded features of each trial's (text, image) encoders.
+    """
     tasks = [(trial, fold) for trial in trials for fold in range(options.folds)]
     _SHARED.update(labelled=labelled, options=options, out=Path(out))
     results = []
@@ -415,18 +422,21 @@ def sweep_from_cache(
     Returns the trials and the leaderboard rows (best first).
     """
     options.validate()
-    trials = plan_trials(grids)
+    trials = plan_trials(grids, (text_encoder, image_encoder))
     out = prepare_run_dir(out, overwrite)
     echo(f"{len(trials)} configurations × {options.folds} fold(s); loading the cached features once")
-    labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
-    for trial in trials:  # auxiliary texts too are loaded once, before any worker forks
-        labelled.aux(trial.fit_config.aux_data)
+    labelled: dict[tuple[str, str], LabelledFeatures] = {}
+    for trial in trials:  # every cache (and auxiliary texts) loaded once, before any worker forks
+        if trial.encoders not in labelled:
+            text, image = trial.encoders
+            labelled[trial.encoders] = load_labelled(data_dir, cache_root, text_encoder=text, image_encoder=image)
+        labelled[trial.encoders].aux(trial.fit_config.aux_data)
     rows = run_sweep(labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo)
     return trials, rows
 
 
 def run_sweep(
-    labelled: LabelledFeatures,
+    labelled: dict[tuple[str, str], LabelledFeatures],
     out: Path,
     trials: list[Trial],
     options: SweepOptions,
@@ -438,10 +448,11 @@ def run_sweep(
     """Fit the trials on loaded features, then write the leaderboard, report and sweep.json into the folder ``out``."""
     started = time.perf_counter()
     results = fit_trials(labelled, out, trials, options, echo)
-    rows = leaderboard(trials, results, labelled.labels, options)
+    first = next(iter(labelled.values()))  # every cache holds the same labelled rows of the same data folder
+    rows = leaderboard(trials, results, first.labels, options)
     summary = asdict(options) | {
         "seconds": time.perf_counter() - started, "text_encoder": text_encoder, "image_encoder": image_encoder,
-        "data_dir": str(labelled.data_dir),
+        "data_dir": str(first.data_dir),
     }
     write_json(out / "sweep.json", summary | {
         "trials": [{"index": t.index, "name": t.name, "options": t.options, "folder": t.folder} for t in trials],

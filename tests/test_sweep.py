@@ -314,3 +314,19 @@ def test_fold_ensemble_predict_averages_the_fold_runs_probabilities(tiny_cache, 
     assert [row["tag"] for row in written] == [LABELS[i] for i in ensemble.argmax(1)]
     # Naming the folds one by one is the same ensemble.
     np.testing.assert_allclose(predict_submission(folds, data_dir, cache_root, tmp_path / "sub2.csv"), ensemble)
+
+
+def test_grid_over_text_encoders_loads_each_cache_and_fits_on_it(tiny_cache, tmp_path):
+    variant = tiny_cache["text_encoder"] + "+norm"
+    encoder = create_text_encoder(variant, max_tokens=TINY_MAX_TOKENS)
+    extract_features(encoder, tiny_cache["data_dir"], tiny_cache["cache_root"], batch_size=8, num_workers=0,
+                     progress=False)
+    grid = [TINY | {"head": ["gated"], "text_encoder": [tiny_cache["text_encoder"], variant]}]
+    trials, rows = run(tiny_cache, tmp_path / "sweep", grid)
+    assert [t.encoders[0] for t in trials] == [tiny_cache["text_encoder"], variant]
+    assert {row["config"] for row in rows} == {f"text_encoder={tiny_cache['text_encoder']}", f"text_encoder={variant}"}
+    for trial in trials:
+        config = read_config(tmp_path / "sweep" / "runs" / trial.folder)
+        assert config["encoders"]["text"]["encoder"] == trial.encoders[0]
+    with pytest.raises(ValueError, match="not a valid encoder name"):
+        parse_value("text_encoder", " ")
