@@ -11,7 +11,8 @@ checkpoint (hub id or local folder) as ``clip:<id>`` for either side.
 
 Text encoder names take variants as ``+`` suffixes, each its own cache file and name:
 ``+norm`` normalises tweets with every rule of ``extract.normalize``, ``+ocr`` adds the
-text inside each post's image as a second segment (``extract.ocr``): ``minilm+norm+ocr``.
+text inside each post's image as a second segment (``extract.ocr``), ``+vader`` appends
+lexicon scores to every token (``extract.lexicon``): ``minilm+norm+ocr+vader``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ if TYPE_CHECKING:  # the encoder modules import this registry to register themse
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {}
 IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
-TEXT_VARIANTS: dict[str, dict[str, Any]] = {"norm": {"normalize": "all"}, "ocr": {"ocr": True}}
+TEXT_VARIANTS: dict[str, dict[str, Any]] = {
+    "norm": {"normalize": "all"}, "ocr": {"ocr": True}, "vader": {"vader": True}
+}
 
 
 def _register(table: dict[str, Callable[..., Any]], kind: str, name: str):

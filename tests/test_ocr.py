@@ -98,3 +98,25 @@ def test_text_encoder_variants_combine_and_unknown_ones_fail(tiny_text_encoder_d
     assert rebuilt.describe() == both.describe()
     with pytest.raises(ValueError, match="unknown variant.*'emoji'"):
         create_text_encoder(str(tiny_text_encoder_dir) + "+emoji")
+
+
+@pytest.mark.parametrize("ocr", [False, True])
+def test_vader_variant_appends_the_lexicon_scores_to_every_real_token(tiny_text_encoder_dir, ocr):
+    from extract.lexicon import vader_scores
+
+    name = str(tiny_text_encoder_dir) + ("+ocr+vader" if ocr else "+vader")
+    plain = create_text_encoder(str(tiny_text_encoder_dir), max_tokens=16).eval()
+    encoder = create_text_encoder(name, max_tokens=16).eval()
+    extra = 8 if ocr else 4
+    assert encoder.dim == plain.dim + extra and encoder.options["vader"] is True
+    texts, image_texts = ["I LOVE this :)", "awful, just awful"], ["", "GREAT NEWS"]
+    items = list(zip(texts, image_texts)) if ocr else texts
+    features, mask = encoder.encode(items)  # (B, T, D + extra)
+    expected = vader_scores(texts) if not ocr else torch.cat([vader_scores(texts), vader_scores(image_texts)], 1)
+    for row in range(2):
+        real = features[row][mask[row]]  # (T_real, D + extra)
+        torch.testing.assert_close(real[:, plain.dim:], expected[row].expand(len(real), extra))
+        assert not features[row][~mask[row]][:, plain.dim:].any()  # padding stays zero
+    assert expected[0, 3] > 0.5 and expected[1, 3] < -0.5  # compound: positive, then negative
+    if not ocr:
+        torch.testing.assert_close(features[..., : plain.dim], plain.encode(texts)[0])  # the model's part unchanged

