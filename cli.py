@@ -372,13 +372,16 @@ def pipeline(
     run: Path = typer.Option(Path("runs/default"), "--run", help="Run folder of the fitted head (rewritten each run)."),
     out: Path = typer.Option(Path("submission.csv"), "--out", help="Submission CSV to write."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda, for extraction."),
+    text_encoder: str = TextEncoderOption,
+    image_encoder: str = ImageEncoderOption,
 ) -> None:
     """The main job on the embedded defaults: extract (resumable) → fit the default head → write the submission."""
     shared = ["--data", str(data), "--cache", str(cache)]
+    encoders = ["--text-encoder", text_encoder, "--image-encoder", image_encoder]  # predict reads them from the run
     # Each stage runs as its own command, so every option left out keeps that command's default.
     for args in (
-        ["extract", *shared, "--device", device],
-        ["fit", *shared, "--out", str(run), "--overwrite"],
+        ["extract", *shared, *encoders, "--device", device],
+        ["fit", *shared, *encoders, "--out", str(run), "--overwrite"],
         ["predict", *shared, "--run", str(run), "--out", str(out)],
     ):
         typer.secho(f"$ python cli.py {' '.join(args)}", bold=True)

@@ -238,3 +238,18 @@ def test_help_lists_every_option(name):
 def test_help_of_the_app_lists_every_command():
     result = succeeded(invoke("--help"))
     assert all(name in result.output for name in COMMANDS)
+
+
+def test_pipeline_runs_extract_fit_predict_with_the_given_encoders(data_dir, data_spec, tmp_path, encoders):
+    run_dir, submission = tmp_path / "runs" / "default", tmp_path / "submission.csv"
+    result = succeeded(invoke(
+        "pipeline", "--data", data_dir, "--cache", tmp_path / "cache", "--run", run_dir, "--out", submission,
+        *encoders,
+    ))
+    for stage in ("$ python cli.py extract", "$ python cli.py fit", "$ python cli.py predict"):
+        assert stage in result.output
+    rows = list(csv.DictReader(submission.open()))
+    assert [row["guid"] for row in rows] == data_spec.test and {row["tag"] for row in rows} <= set(LABELS)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["encoders"]["text"]["encoder"] == encoders[1]
+    assert config["encoders"]["image"]["encoder"] == encoders[3]
