@@ -32,36 +32,45 @@ class LabelledGuid:
     line: int = field(default=0, compare=False)  # line in the label file, for error messages
 
 
-def read_label_file(path: Path, *, allow_unlabelled: bool = False) -> list[LabelledGuid]:
-    """Read a ``guid,tag`` CSV, refusing anything a typo could have produced."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: label file not found")
-    valid = set(LABELS) | ({UNLABELLED} if allow_unlabelled else set())
-    rows: list[LabelledGuid] = []
+def _read_tagged_csv(path: Path, columns: list[str], valid_tags: set[str]) -> list[tuple[LabelledGuid, list[str]]]:
+    """Rows of a CSV whose first column is ``guid`` and last ``tag``, refusing anything a typo could have produced.
+
+    Returns each row as its ``LabelledGuid`` and its cells; blank lines are skipped.
+    """
+    rows: list[tuple[LabelledGuid, list[str]]] = []
     seen: dict[str, int] = {}
+    expected = ",".join(columns)
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
-        if header is None or [h.strip() for h in header] != ["guid", "tag"]:
-            raise ValueError(f"{path}:1: expected header 'guid,tag', got {','.join(header or [])!r}")
+        if header is None or [h.strip() for h in header] != columns:
+            raise ValueError(f"{path}:1: expected header {expected!r}, got {','.join(header or [])!r}")
         for line_no, row in enumerate(reader, start=2):
             if not row or all(not cell.strip() for cell in row):
                 continue
-            if len(row) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 2 columns 'guid,tag', got {row!r}")
-            guid, tag = row[0].strip(), row[1].strip()
+            if len(row) != len(columns):
+                raise ValueError(f"{path}:{line_no}: expected {len(columns)} columns {expected!r}, got {row!r}")
+            guid, tag = row[0].strip(), row[-1].strip()
             if not guid:
                 raise ValueError(f"{path}:{line_no}: empty guid")
-            if tag not in valid:
+            if tag not in valid_tags:
                 raise ValueError(
-                    f"{path}:{line_no}: unknown tag {tag!r} for guid {guid}; expected one of {sorted(valid)}"
+                    f"{path}:{line_no}: unknown tag {tag!r} for guid {guid}; expected one of {sorted(valid_tags)}"
                 )
             if guid in seen:
                 raise ValueError(f"{path}:{line_no}: duplicate guid {guid} (first on line {seen[guid]})")
             seen[guid] = line_no
-            rows.append(LabelledGuid(guid, tag, line_no))
+            rows.append((LabelledGuid(guid, tag, line_no), row))
     return rows
+
+
+def read_label_file(path: Path, *, allow_unlabelled: bool = False) -> list[LabelledGuid]:
+    """Read a ``guid,tag`` CSV (``null`` tags allowed for the test file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label file not found")
+    valid = set(LABELS) | ({UNLABELLED} if allow_unlabelled else set())
+    return [labelled for labelled, _ in _read_tagged_csv(path, ["guid", "tag"], valid)]
 
 
 def is_text_only(data_dir: Path) -> bool:
@@ -72,28 +81,8 @@ def is_text_only(data_dir: Path) -> bool:
 @functools.lru_cache(maxsize=4)
 def _texts_table(path: Path) -> tuple[list[LabelledGuid], dict[str, str]]:
     """``texts.csv`` read once: its rows in file order, and guid → text."""
-    rows: list[LabelledGuid] = []
-    texts: dict[str, str] = {}
-    seen: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != ["guid", "text", "tag"]:
-            raise ValueError(f"{path}:1: expected header 'guid,text,tag', got {','.join(header or [])!r}")
-        for line_no, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != 3:
-                raise ValueError(f"{path}:{line_no}: expected 3 columns 'guid,text,tag', got {row!r}")
-            guid, text, tag = row[0].strip(), row[1], row[2].strip()
-            if tag not in LABELS:
-                raise ValueError(f"{path}:{line_no}: unknown tag {tag!r} for guid {guid}; expected one of {LABELS}")
-            if guid in seen:
-                raise ValueError(f"{path}:{line_no}: duplicate guid {guid} (first on line {seen[guid]})")
-            seen[guid] = line_no
-            rows.append(LabelledGuid(guid, tag, line_no))
-            texts[guid] = " ".join(text.split())
-    return rows, texts
+    rows = _read_tagged_csv(path, ["guid", "text", "tag"], set(LABELS))
+    return [labelled for labelled, _ in rows], {labelled.guid: " ".join(cells[1].split()) for labelled, cells in rows}
 
 
 def read_split(data_dir: Path, split: str) -> list[LabelledGuid]:
