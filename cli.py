@@ -24,7 +24,7 @@ app = typer.Typer(
 
 DEFAULT_DATA = Path("../shared/data/mvsa-single")
 DEFAULT_CACHE = Path("cache")
-DEFAULT_TEXT_ENCODER = "minilm"
+DEFAULT_TEXT_ENCODER = "minilm+ocr+vader"  # 5-fold best of results/grids/signals.yaml (README, Results)
 DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 
 DataOption = typer.Option(

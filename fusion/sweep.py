@@ -365,7 +365,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], trials: list[Trial], sum
         "",
         f"{len(trials)} configurations × {folds} fold(s) fitted in {summary['seconds']:.0f} s on the cached "
         f"features of `{summary['text_encoder']}` (text) and `{summary['image_encoder']}` (image) "
-        f"from `{summary['data_dir']}`; {scheme} of train.txt (split seed {summary['split_seed']}). "
+        + ("(rows that name a `text_encoder` or `image_encoder` read those caches instead) "
+           if any(set(ENCODER_KEYS) & set(t.options) for t in trials) else "")
+        + f"from `{summary['data_dir']}`; {scheme} of train.txt (split seed {summary['split_seed']}). "
         "Scores are validation scores (mean ± sample std over the folds); nothing here saw the test file."
         + (" Δ is the row's macro-F1 minus #1's on the same fold (mean ± std over the folds): a gap smaller "
            f"than about 2·std/√{folds} is within the noise of these folds." if folds > 1 else ""),
