@@ -84,9 +84,10 @@ class JoinedFeatures:
             if len(where)
         ]
         joined = []
-        for index in range(4):  # text, text mask, image, image mask
-            length = max(part[index & ~1].shape[1] for part in parts)  # the features' length pads the mask too
-            joined.append(torch.cat([_padded(part[index], length) for part in parts]))
+        for features_at in (0, 2):  # (text, text mask), then (image, image mask)
+            length = max(part[features_at].shape[1] for part in parts)
+            for index in (features_at, features_at + 1):  # the features and their mask, padded alike
+                joined.append(torch.cat([_padded(part[index], length) for part in parts]))
         if torch.equal(picked[0], torch.arange(len(picked[0]))):  # sorted rows (the trainer's): already in order
             return tuple(joined)
         restore = torch.argsort(torch.cat(picked)).to(device)  # back to the order of ``rows``
