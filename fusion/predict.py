@@ -9,6 +9,7 @@ an ensemble: the average of their class probabilities.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,15 @@ def expand_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
-def run_probabilities(run_dir: Path, data_dir: Path, cache_root: Path, guids: list[str]) -> np.ndarray:
+def run_probabilities(
+    run_dir: Path, data_dir: Path, cache_root: Path, guids: list[str],
+    loaded: dict[str, PairFeatures] | None = None,
+) -> np.ndarray:
     """Class probabilities (N, C) of one run for ``guids`` of ``data_dir``.
 
     A fit run reads the cached features; a finetune run encodes the raw pairs with its own encoders.
+    ``loaded`` keeps the features read per encoder description, so the runs of an ensemble that
+    share their caches (the folds of a sweep trial) read and normalise them once.
     """
     config = read_config(run_dir)
     if config.get("kind") == "finetune":
@@ -77,16 +83,22 @@ def run_probabilities(run_dir: Path, data_dir: Path, cache_root: Path, guids: li
         return predict_raw(model.to(device), pairs, device=device, progress=True).numpy()
     model, config = load_head(run_dir)
     encoders = config["encoders"]
-    features, _ = load_pair_features(
-        cache_root, data_dir, guids, encoders["text"]["encoder"], encoders["image"]["encoder"], expected=encoders
-    )
-    return predict_run(run_dir, model, config, features)  # (N, C)
+    loaded = {} if loaded is None else loaded
+    key = json.dumps(encoders, sort_keys=True)
+    if key not in loaded:
+        loaded[key], _ = load_pair_features(
+            cache_root, data_dir, guids, encoders["text"]["encoder"], encoders["image"]["encoder"], expected=encoders
+        )
+    return predict_run(run_dir, model, config, loaded[key])  # (N, C)
 
 
 def predict_submission(runs: list[Path], data_dir: Path, cache_root: Path, out: Path) -> np.ndarray:
     """Label every row of ``test_without_label.txt`` with the runs' mean probabilities; returns them (N, C)."""
     guids = [row.guid for row in read_split(data_dir, "test")]
-    probabilities = np.mean([run_probabilities(run, data_dir, cache_root, guids) for run in expand_runs(runs)], axis=0)
+    loaded: dict[str, PairFeatures] = {}
+    probabilities = np.mean(
+        [run_probabilities(run, data_dir, cache_root, guids, loaded) for run in expand_runs(runs)], axis=0
+    )
     write_submission(out, guids, probabilities.argmax(1))
     return probabilities
 
