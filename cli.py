@@ -33,12 +33,15 @@ DataOption = typer.Option(
 CacheOption = typer.Option(DEFAULT_CACHE, "--cache", help="Root folder of the HDF5 feature caches.")
 TextEncoderOption = typer.Option(
     DEFAULT_TEXT_ENCODER, "--text-encoder",
-    help="Text encoder: minilm (embedded, offline), bert-base-uncased (hub), hf:<model id>, or a local model folder; "
-    "append +norm (every tweet normalisation rule) and/or +ocr (the text found in each image): minilm+norm+ocr.",
+    help="Text encoder: minilm (embedded, offline), mpnet (offline, see README), bert-base-uncased (hub), "
+    "hf:<model id>, clip:<model id>, or a local model folder; append +norm (every tweet normalisation rule), "
+    "+ocr (the text found in each image) and/or +vader (lexicon scores): minilm+ocr+vader. Several, comma-separated "
+    "(minilm+ocr,mpnet+ocr), for extract and fit: one cache each, side by side in the head.",
 )
 ImageEncoderOption = typer.Option(
     DEFAULT_IMAGE_ENCODER, "--image-encoder",
-    help="Image encoder: efficientnet-lite0 (embedded, offline), resnet50 (hub), or tv:<torchvision model>.",
+    help="Image encoder: efficientnet-lite0 or efficientnet-lite2 (embedded, offline), resnet50 (hub), "
+    "tv:<torchvision model>, or clip:<model id>. Several, comma-separated, for extract and fit.",
 )
 
 
@@ -86,7 +89,7 @@ def extract(
     from extract.dataset import is_text_only
     from extract.device import resolve_device
     from extract.ocr import extract_ocr
-    from extract.registry import create_encoder
+    from extract.registry import create_encoder, stream_names
     from extract.run import data_guids, extract_features
 
     torch_device = resolve_device(device)
@@ -99,24 +102,25 @@ def extract(
             raise ValueError(f"{data}: a text-only folder (texts.csv) has no images to extract")
         typer.echo(f"{data}: text-only folder (texts.csv); extracting text only")
         only = "text"
-    for kind, (name, options) in kinds.items():
+    for kind, (names, options) in kinds.items():
         if only not in (None, kind):
             continue
-        started = time.perf_counter()
-        encoder = create_encoder(kind, name, **options)
-        if getattr(encoder, "ocr", False):  # a "+ocr" text encoder: the OCR stage runs (or resumes) first
-            encoder.ocr_texts.update(extract_ocr(data, cache, guids, skip_bad=skip_bad))
-            typer.echo(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
-        summary = extract_features(
-            encoder, data, cache, guids=guids, batch_size=batch_size, device=torch_device, skip_bad=skip_bad,
-            num_workers=workers,
-        )
-        seconds = time.perf_counter() - started
-        typer.echo(
-            f"{kind} {name}: {summary.encoded} new of {summary.total} pairs in {seconds:.1f} s on {torch_device} "
-            f"→ {summary.path}"
-            + (f" ({len(summary.skipped)} skipped: {summary.skipped[:5]})" if summary.skipped else "")
-        )
+        for name in stream_names(names):
+            started = time.perf_counter()
+            encoder = create_encoder(kind, name, **options)
+            if getattr(encoder, "ocr", False):  # a "+ocr" text encoder: the OCR stage runs (or resumes) first
+                encoder.ocr_texts.update(extract_ocr(data, cache, guids, skip_bad=skip_bad))
+                typer.echo(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
+            summary = extract_features(
+                encoder, data, cache, guids=guids, batch_size=batch_size, device=torch_device, skip_bad=skip_bad,
+                num_workers=workers,
+            )
+            seconds = time.perf_counter() - started
+            typer.echo(
+                f"{kind} {name}: {summary.encoded} new of {summary.total} pairs in {seconds:.1f} s on {torch_device} "
+                f"→ {summary.path}"
+                + (f" ({len(summary.skipped)} skipped: {summary.skipped[:5]})" if summary.skipped else "")
+            )
 
 
 @app.command()

@@ -13,6 +13,9 @@ Text encoder names take variants as ``+`` suffixes, each its own cache file and 
 ``+norm`` normalises tweets with every rule of ``extract.normalize``, ``+ocr`` adds the
 text inside each post's image as a second segment (``extract.ocr``), ``+vader`` appends
 lexicon scores to every token (``extract.lexicon``): ``minilm+norm+ocr+vader``.
+
+Where a command takes several encoders of one modality (``extract`` and ``fit``), they are
+listed with commas, ``minilm+ocr,mpnet+ocr``: one cache each, joined by the heads' input.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ if TYPE_CHECKING:  # the encoder modules import this registry to register themse
 
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {}
 IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
+STREAM_SEPARATOR = ","  # "minilm,mpnet": extract both caches, fit on both (one stream of positions each)
 TEXT_VARIANTS: dict[str, dict[str, Any]] = {
     "norm": {"normalize": "all"}, "ocr": {"ocr": True}, "vader": {"vader": True}
 }
@@ -102,7 +106,17 @@ def create_image_encoder(name: str, **kwargs: Any) -> ImageEncoder:
     )
 
 
+def stream_names(encoders: str) -> list[str]:
+    """The encoders of one modality: ``"minilm,mpnet"`` → ``["minilm", "mpnet"]``, one stream each."""
+    names = [name.strip() for name in encoders.split(STREAM_SEPARATOR)]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"encoder list {encoders!r} has an empty or repeated name")
+    return names
+
+
 def create_encoder(kind: str, name: str, **kwargs: Any) -> TextEncoder | ImageEncoder:
+    if STREAM_SEPARATOR in name:  # extract and fit split such lists into one encoder each
+        raise ValueError(f"{name!r} names several {kind} encoders; only extract and fit take a list, this takes one")
     if kind == "text":
         return create_text_encoder(name, **kwargs)
     if kind == "image":

@@ -2,11 +2,14 @@
 
 Reads the HDF5 caches once (through ``extract.cache``) and normalises them once;
 batches are then slices of pre-loaded float16 tensors, so no HDF5 read and no
-normalisation ever happens in the training loop.
+normalisation ever happens in the training loop. A modality may read several caches
+(``fit --text-encoder minilm,mpnet``): their features are joined block-diagonally
+(``joined_streams``), so every head takes them without knowing how many there are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.cache import cache_path, load_features
+from extract.cache import CacheMismatchError, cache_path, load_features
+from extract.registry import STREAM_SEPARATOR, stream_names
 from fusion.layers import normalise_features
+
+Stream = tuple[torch.Tensor, torch.Tensor]  # features (N, L, D), mask (N, L) of one encoder
 
 
 @dataclass
@@ -29,12 +35,9 @@ class PairFeatures:
     image_mask: torch.Tensor  # (N, P) bool, True = real patch
 
     @classmethod
-    def from_encoders(
-        cls, guids: list[str], text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
-        image_mask: torch.Tensor,
-    ) -> PairFeatures:
-        """Features as the encoders gave them (any float dtype), normalised as the heads expect."""
-        return cls(list(guids), _normalised(text), text_mask, _normalised(image), image_mask)
+    def from_encoders(cls, guids: list[str], text: Sequence[Stream], image: Sequence[Stream]) -> PairFeatures:
+        """Features as one or more encoders per modality gave them (any float dtype), joined and normalised."""
+        return cls(list(guids), *joined_streams(text), *joined_streams(image))
 
     def __len__(self) -> int:
         return len(self.guids)
@@ -109,6 +112,59 @@ def _trimmed(
     return features[rows, :length].float().to(device), (mask[:, :length] & used).to(device)
 
 
+def stream_descriptions(description: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cache description of each stream of a (possibly joined) modality description."""
+    return description.get("streams", [description])
+
+
+def joined_description(descriptions: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the heads need of several streams (summed sizes), with each stream's own description kept."""
+    if len(descriptions) == 1:
+        return descriptions[0]
+    return {
+        "kind": descriptions[0]["kind"],
+        "encoder": STREAM_SEPARATOR.join(d["encoder"] for d in descriptions),
+        "dim": sum(d["dim"] for d in descriptions),
+        "length": sum(d["length"] for d in descriptions),
+        "streams": descriptions,
+    }
+
+
+def joined_streams(streams: Sequence[Stream]) -> Stream:
+    """One normalised float16 head input (N, ΣL_i, ΣD_i) and its mask (N, ΣL_i) from one or more encoders.
+
+    Each stream is normalised on its own, then the streams are laid out block-diagonally: stream i's
+    positions follow stream i−1's, and its features fill its own slice of the feature axis, zeros
+    elsewhere. A head's input projection is then one projection per encoder (a zero block adds
+    nothing), and its pooling and attention run over every encoder's positions at once. The price
+    is memory for the zeros: ΣL·ΣD instead of Σ L_i·D_i.
+    """
+    N = streams[0][0].shape[0]
+    lengths, dims = [f.shape[1] for f, _ in streams], [f.shape[2] for f, _ in streams]
+    joined = torch.zeros(N, sum(lengths), sum(dims), dtype=torch.float16)  # (N, ΣL_i, ΣD_i)
+    at_length = at_dim = 0
+    for (features, _), length, dim in zip(streams, lengths, dims):
+        _normalise_into(features, joined[:, at_length : at_length + length, at_dim : at_dim + dim])
+        at_length, at_dim = at_length + length, at_dim + dim
+    return joined, torch.cat([mask for _, mask in streams], dim=1)
+
+
+def load_streams(
+    cache_root: Path, data_dir: Path, kind: str, encoder: str, guids: list[str], expected: dict[str, Any] | None
+) -> tuple[list[Stream], dict[str, Any]]:
+    """The cached features of ``guids`` for each encoder in ``encoder`` (comma-separated), and their description."""
+    names = stream_names(encoder)
+    wanted = stream_descriptions(expected) if expected else [None] * len(names)
+    if len(wanted) != len(names):
+        raise CacheMismatchError(f"{kind} encoders {encoder!r} are not the {len(wanted)} the run was trained on")
+    cached = [
+        load_features(cache_path(cache_root, data_dir, kind, name), guids, description)
+        for name, description in zip(names, wanted)
+    ]
+    streams = [(torch.from_numpy(c.features), torch.from_numpy(c.mask)) for c in cached]
+    return streams, joined_description([c.description for c in cached])
+
+
 def load_pair_features(
     cache_root: Path,
     data_dir: Path,
@@ -117,35 +173,26 @@ def load_pair_features(
     image_encoder: str,
     expected: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[PairFeatures, dict[str, dict[str, Any]]]:
-    """Features of ``guids`` from one text and one image cache, and both caches' descriptions."""
+    """Features of ``guids`` from the text and image caches (one or more each), and the caches' descriptions."""
     expected = expected or {}
-    text = load_features(cache_path(cache_root, data_dir, "text", text_encoder), guids, expected.get("text"))
-    image = load_features(cache_path(cache_root, data_dir, "image", image_encoder), guids, expected.get("image"))
-    features = PairFeatures.from_encoders(
-        guids,
-        torch.from_numpy(text.features),
-        torch.from_numpy(text.mask),
-        torch.from_numpy(image.features),
-        torch.from_numpy(image.mask),
+    text, text_description = load_streams(cache_root, data_dir, "text", text_encoder, guids, expected.get("text"))
+    image, image_description = load_streams(
+        cache_root, data_dir, "image", image_encoder, guids, expected.get("image")
     )
-    return features, {"text": text.description, "image": image.description}
+    return PairFeatures.from_encoders(guids, text, image), {"text": text_description, "image": image_description}
 
 
 def load_text_features(
     cache_root: Path, data_dir: Path, guids: list[str], text_encoder: str, image_dim: int, expected: dict[str, Any]
 ) -> PairFeatures:
-    """Features of a text-only folder's ``guids``: its text cache, and one masked image position each."""
-    text = load_features(cache_path(cache_root, data_dir, "text", text_encoder), guids, expected)
+    """Features of a text-only folder's ``guids``: its text caches, and one masked image position each."""
+    text, _ = load_streams(cache_root, data_dir, "text", text_encoder, guids, expected)
     n = len(guids)
-    return PairFeatures.from_encoders(
-        guids, torch.from_numpy(text.features), torch.from_numpy(text.mask),
-        torch.zeros(n, 1, image_dim), torch.zeros(n, 1, dtype=torch.bool),  # (N, 1, D_image), (N, 1): no image
-    )
+    no_image = (torch.zeros(n, 1, image_dim), torch.zeros(n, 1, dtype=torch.bool))  # (N, 1, D_image), (N, 1)
+    return PairFeatures.from_encoders(guids, text, [no_image])
 
 
-def _normalised(features: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """float16 copy of ``features`` (N, L, D) normalised in float32 a chunk of rows at a time, to bound memory."""
-    out = torch.empty(features.shape, dtype=torch.float16)
+def _normalise_into(features: torch.Tensor, out: torch.Tensor, chunk: int = 256) -> None:
+    """Write ``features`` (N, L, D) normalised into ``out`` (float16), in float32 a chunk of rows at a time."""
     for start in range(0, len(features), chunk):
         out[start : start + chunk] = normalise_features(features[start : start + chunk].float())
-    return out

@@ -21,8 +21,9 @@ from extract.cache import check_identity
 from extract.dataset import LABELS, load_image, read_split
 from extract.device import resolve_device
 from extract.ocr import ocr_path, read_ocr
+from extract.registry import create_encoder
 from fusion.config import HeadConfig, from_dict
-from fusion.features import PairFeatures, load_pair_features
+from fusion.features import PairFeatures, load_pair_features, stream_descriptions
 from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
 from fusion.registry import create_head
 from fusion.run import CONFIG_FILE, WEIGHTS_FILE, load_head, predict_run, read_config
@@ -103,11 +104,15 @@ def predict_submission(runs: list[Path], data_dir: Path, cache_root: Path, out: 
     return probabilities
 
 
-def load_encoders(descriptions: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Rebuild the run's encoders from their recorded options and check they are the ones its head was trained on."""
-    encoders = dict(zip(("text", "image"), build_encoders(descriptions)))
-    for kind, encoder in encoders.items():
-        check_identity(Path(f"<{kind} encoder {encoder.name}>"), encoder.eval().describe(), descriptions[kind])
+def load_encoders(descriptions: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rebuild the run's encoders (one or more per modality) and check they are the ones its head was trained on."""
+    encoders: dict[str, list[Any]] = {}
+    for kind, description in descriptions.items():
+        encoders[kind] = []
+        for stream in stream_descriptions(description):
+            encoder = create_encoder(kind, stream["encoder"], **stream["options"])
+            check_identity(Path(f"<{kind} encoder {encoder.name}>"), encoder.eval().describe(), stream)
+            encoders[kind].append(encoder)
     return encoders
 
 
@@ -124,10 +129,9 @@ def _post_probabilities(run_dir: Path, text: str, image: Path) -> dict[str, floa
     model, config = load_head(run_dir)
     encoders = load_encoders(config["encoders"])
     picture = load_image(Path(image), "<post>")
-    text_tokens, text_mask = encoders["text"].encode([encoders["text"].post_item(text, picture)])  # (1, T, D_text)
-    image_encoder = encoders["image"]
-    image_patches, image_mask = image_encoder.encode([image_encoder.pixels(picture)])
-    post = PairFeatures.from_encoders(["<post>"], text_tokens, text_mask, image_patches, image_mask)
+    text_streams = [encoder.encode([encoder.post_item(text, picture)]) for encoder in encoders["text"]]  # (1, T, D)
+    image_streams = [encoder.encode([encoder.pixels(picture)]) for encoder in encoders["image"]]  # (1, P, D)
+    post = PairFeatures.from_encoders(["<post>"], text_streams, image_streams)
     probabilities = predict_run(run_dir, model, config, post)[0]  # (C,)
     return {label: float(p) for label, p in zip(LABELS, probabilities)}
 

@@ -200,7 +200,8 @@ def test_from_encoders_normalises_real_positions_and_keeps_padding_zero():
     text[1, 2] = 0.0  # padding
     image = torch.randn(2, P, IMAGE_DIM) * 3
     text_mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
-    features = PairFeatures.from_encoders(["a", "b"], text, text_mask, image, torch.ones(2, P, dtype=torch.bool))
+    image_mask = torch.ones(2, P, dtype=torch.bool)
+    features = PairFeatures.from_encoders(["a", "b"], [(text, text_mask)], [(image, image_mask)])
     assert features.text.dtype == torch.float16 and features.image.dtype == torch.float16
     torch.testing.assert_close(features.text[0].float().mean(-1), torch.zeros(3), atol=2e-3, rtol=0)
     torch.testing.assert_close(features.image.float().std(-1, unbiased=False), torch.ones(2, P), atol=2e-2, rtol=0)

