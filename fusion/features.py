@@ -172,14 +172,20 @@ def load_pair_features(
     text_encoder: str,
     image_encoder: str,
     expected: dict[str, dict[str, Any]] | None = None,
+    loaded: dict[tuple[str, str], tuple[Stream, dict[str, Any]]] | None = None,
 ) -> tuple[PairFeatures, dict[str, dict[str, Any]]]:
-    """Features of ``guids`` from the text and image caches (one or more each), and the caches' descriptions."""
-    expected = expected or {}
-    text, text_description = load_streams(cache_root, data_dir, "text", text_encoder, guids, expected.get("text"))
-    image, image_description = load_streams(
-        cache_root, data_dir, "image", image_encoder, guids, expected.get("image")
-    )
-    return PairFeatures.from_encoders(guids, text, image), {"text": text_description, "image": image_description}
+    """Features of ``guids`` from the text and image caches (one or more each), and the caches' descriptions.
+
+    ``loaded`` keeps each modality's joined features by (kind, encoder), for callers that pair one
+    cache with several others (a sweep over encoders): it is read and normalised once, not once per pair.
+    """
+    expected, loaded = expected or {}, {} if loaded is None else loaded
+    for kind, encoder in (("text", text_encoder), ("image", image_encoder)):
+        if (kind, encoder) not in loaded:
+            streams, description = load_streams(cache_root, data_dir, kind, encoder, guids, expected.get(kind))
+            loaded[kind, encoder] = joined_streams(streams), description
+    (text, text_description), (image, image_description) = loaded["text", text_encoder], loaded["image", image_encoder]
+    return PairFeatures(list(guids), *text, *image), {"text": text_description, "image": image_description}
 
 
 def load_text_features(

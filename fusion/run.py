@@ -104,9 +104,15 @@ class RunResult:
     parameters: int  # number of head parameters
 
 
-def load_labelled(data_dir: Path, cache_root: Path, *, text_encoder: str, image_encoder: str) -> LabelledFeatures:
+def load_labelled(
+    data_dir: Path, cache_root: Path, *, text_encoder: str, image_encoder: str,
+    loaded: dict[tuple[str, str], Any] | None = None,
+) -> LabelledFeatures:
+    """Every labelled pair with its features; ``loaded`` shares modalities already read (``load_pair_features``)."""
     guids, labels = labelled_rows(data_dir)
-    features, descriptions = load_pair_features(cache_root, data_dir, guids, text_encoder, image_encoder)
+    features, descriptions = load_pair_features(
+        cache_root, data_dir, guids, text_encoder, image_encoder, loaded=loaded
+    )
     return LabelledFeatures(Path(data_dir), guids, labels, features, descriptions, Path(cache_root))
 
 

@@ -19,7 +19,7 @@ from extract.run import extract_features
 from fusion.calibration import LogitAdjustment, log_prior, tune_tau
 from fusion.features import load_pair_features
 from fusion.predict import predict_submission
-from fusion.run import load_head, predict_run, read_config, read_metrics
+from fusion.run import load_head, load_labelled, predict_run, read_config, read_metrics
 from fusion.split import stratified_folds
 from fusion.sweep import (
     ABLATION_ROWS,
@@ -316,17 +316,36 @@ def test_fold_ensemble_predict_averages_the_fold_runs_probabilities(tiny_cache, 
     np.testing.assert_allclose(predict_submission(folds, data_dir, cache_root, tmp_path / "sub2.csv"), ensemble)
 
 
-def test_grid_over_text_encoders_loads_each_cache_and_fits_on_it(tiny_cache, tmp_path):
+def _norm_variant(tiny_cache) -> str:
+    """The tiny text encoder with tweet normalisation, its cache extracted (a no-op once done)."""
     variant = tiny_cache["text_encoder"] + "+norm"
     encoder = create_text_encoder(variant, max_tokens=TINY_MAX_TOKENS)
     extract_features(encoder, tiny_cache["data_dir"], tiny_cache["cache_root"], batch_size=8, num_workers=0,
                      progress=False)
-    grid = [TINY | {"head": ["gated"], "text_encoder": [tiny_cache["text_encoder"], variant]}]
+    return variant
+
+
+def test_grid_over_text_encoders_loads_each_cache_and_fits_on_it(tiny_cache, tmp_path):
+    variant = _norm_variant(tiny_cache)
+    both = f"{tiny_cache['text_encoder']},{variant}"  # the two caches side by side
+    names = [tiny_cache["text_encoder"], variant, both]
+    grid = [TINY | {"head": ["gated"], "text_encoder": names}]
     trials, rows = run(tiny_cache, tmp_path / "sweep", grid)
-    assert [t.encoders[0] for t in trials] == [tiny_cache["text_encoder"], variant]
-    assert {row["config"] for row in rows} == {f"text_encoder={tiny_cache['text_encoder']}", f"text_encoder={variant}"}
+    assert [t.encoders[0] for t in trials] == names
+    assert {row["config"] for row in rows} == {f"text_encoder={name}" for name in names}
     for trial in trials:
         config = read_config(tmp_path / "sweep" / "runs" / trial.folder)
         assert config["encoders"]["text"]["encoder"] == trial.encoders[0]
     with pytest.raises(ValueError, match="not a valid encoder name"):
         parse_value("text_encoder", " ")
+
+
+def test_pairs_sharing_a_cache_share_its_loaded_features(tiny_cache):
+    loaded = {}
+    shared = {"data_dir": tiny_cache["data_dir"], "cache_root": tiny_cache["cache_root"], "loaded": loaded}
+    first = load_labelled(**shared, text_encoder=tiny_cache["text_encoder"], image_encoder=tiny_cache["image_encoder"])
+    both = f"{tiny_cache['text_encoder']},{_norm_variant(tiny_cache)}"
+    second = load_labelled(**shared, text_encoder=both, image_encoder=tiny_cache["image_encoder"])
+    assert second.features.image is first.features.image  # read and normalised once
+    assert second.features.text.shape[1] == 2 * first.features.text.shape[1]
+    assert second.descriptions["text"]["dim"] == 2 * first.descriptions["text"]["dim"]
