@@ -12,7 +12,9 @@ checkpoint (hub id or local folder) as ``clip:<id>`` for either side.
 Text encoder names take variants as ``+`` suffixes, each its own cache file and name:
 ``+norm`` normalises tweets with every rule of ``extract.normalize``, ``+ocr`` adds the
 text inside each post's image as a second segment (``extract.ocr``), ``+vader`` appends
-lexicon scores to every token (``extract.lexicon``): ``minilm+norm+ocr+vader``.
+lexicon scores to every token (``extract.lexicon``): ``minilm+norm+ocr+vader``; ``+imagetext``
+encodes the image's text alone (a post without any is all masked), a stream to list beside the
+tweet's: ``minilm+vader,minilm+imagetext``.
 
 Where a command takes several encoders of one modality (``extract`` and ``fit``), they are
 listed with commas, ``minilm+ocr,mpnet+ocr``: one cache each, joined by the heads' input.
@@ -31,7 +33,8 @@ TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {}
 IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
 STREAM_SEPARATOR = ","  # "minilm,mpnet": extract both caches, fit on both (one stream of positions each)
 TEXT_VARIANTS: dict[str, dict[str, Any]] = {
-    "norm": {"normalize": "all"}, "ocr": {"ocr": True}, "vader": {"vader": True}
+    "norm": {"normalize": "all"}, "ocr": {"ocr": True}, "vader": {"vader": True},
+    "imagetext": {"image_text_only": True},
 }
 
 

@@ -120,3 +120,19 @@ def test_vader_variant_appends_the_lexicon_scores_to_every_real_token(tiny_text_
     assert expected[0, 3] > 0.5 and expected[1, 3] < -0.5  # compound: positive, then negative
     if not ocr:
         torch.testing.assert_close(features[..., : plain.dim], plain.encode(texts)[0])  # the model's part unchanged
+
+
+def test_imagetext_variant_encodes_the_image_text_alone_and_masks_posts_without_any(tiny_text_encoder_dir, data_dir):
+    plain = create_text_encoder(str(tiny_text_encoder_dir), max_tokens=16).eval()
+    alone = create_text_encoder(str(tiny_text_encoder_dir) + "+imagetext+vader", max_tokens=16).eval()
+    assert alone.ocr and alone.image_text_only and alone.dim == plain.dim + 4  # VADER of the image text only
+    assert alone.preprocessing() != create_text_encoder(str(tiny_text_encoder_dir) + "+ocr+vader").preprocessing()
+    guid = read_split(data_dir, "train")[0].guid
+    alone.ocr_texts[guid] = "GREAT NEWS"
+    assert alone.read(data_dir, guid) == "GREAT NEWS"  # the tweet is not in this stream
+
+    features, mask = alone.encode(["GREAT NEWS", ""])  # (2, T, D + 4)
+    expected, expected_mask = plain.encode(["GREAT NEWS"])
+    assert torch.equal(mask[0, : expected_mask.shape[1]], expected_mask[0]) and mask[0].sum() == expected_mask.sum()
+    torch.testing.assert_close(features[0][mask[0]][:, : plain.dim], expected[0][expected_mask[0]])
+    assert not mask[1].any() and not features[1].any()  # no image text: nothing real, nothing but zeros

