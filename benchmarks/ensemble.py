@@ -11,7 +11,7 @@ Each outer fold is held out and scored, and nothing else sees it. On the rest:
 * ``fold ensemble``: one model per inner fold of a ``--inner``-fold split, probabilities averaged
   (``predict --run SWEEP/runs/TRIAL`` of a K-fold sweep).
 
-Prints a Markdown table: mean ± std over the outer folds, and each ensemble's paired
+Prints a Markdown table: mean ± sample std over the outer folds, and each ensemble's paired
 difference in macro-F1 from ``single``.
 """
 
@@ -20,17 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from fusion.config import FitConfig
-from fusion.metrics import evaluate
+from fusion.metrics import cv_summary, evaluate, mean_std
 from fusion.run import LabelledFeatures, load_labelled
 from fusion.split import stratified_folds, stratified_split
 from fusion.train import HeadTrainer, predict_proba
 
-METRICS = ("accuracy", "macro_f1", "neutral_recall")
+SHOWN = ("accuracy", "macro_f1", "neutral_recall")
 
 
 def fitted_probabilities(
@@ -46,17 +47,11 @@ def fitted_probabilities(
     return predict_proba(trainer.model_, features.subset(test_rows))
 
 
-def scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    report = evaluate(labels, probabilities.argmax(1))
-    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-            "neutral_recall": report["per_class"]["neutral"]["recall"]}
-
-
 def nested_scores(labelled: LabelledFeatures, head: str, outer: int, inner: int, seeds: int,
-                  seed: int = 0) -> dict[str, list[dict[str, float]]]:
-    """Each method's scores on every outer fold."""
+                  seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Each method's report (``fusion.metrics.evaluate``) on every outer fold."""
     labels = labelled.labels
-    methods: dict[str, list[dict[str, float]]] = {
+    methods: dict[str, list[dict[str, Any]]] = {
         "single": [], f"seed ensemble ({seeds} seeds)": [], f"fold ensemble ({inner} folds)": []
     }
     for fold, (rest, held_out) in enumerate(stratified_folds(labels, outer, seed)):
@@ -67,25 +62,23 @@ def nested_scores(labelled: LabelledFeatures, head: str, outer: int, inner: int,
             for inner_train, inner_val in stratified_folds(labels[rest], inner, seed)
         ]
         for method, probabilities in zip(methods, (by_seed[0], np.mean(by_seed, 0), np.mean(by_fold, 0))):
-            methods[method].append(scores(labels[held_out], probabilities))
+            methods[method].append(evaluate(labels[held_out], probabilities.argmax(1)))
         print(f"outer fold {fold}: " + ", ".join(
-            f"{method} {results[-1]['macro_f1']:.4f}" for method, results in methods.items()
+            f"{method} {reports[-1]['macro_f1']:.4f}" for method, reports in methods.items()
         ), flush=True)
     return methods
 
 
-def markdown(methods: dict[str, list[dict[str, float]]]) -> str:
-    def spread(values: list[float]) -> str:
-        return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
-
-    single = [s["macro_f1"] for s in methods["single"]]
+def markdown(methods: dict[str, list[dict[str, Any]]]) -> str:
+    single = [report["macro_f1"] for report in methods["single"]]
     lines = [
         "| method | accuracy | macro-F1 | neutral recall | Δ macro-F1 vs single (paired) |", "|---|---|---|---|---|"
     ]
-    for method, results in methods.items():
-        delta = [s["macro_f1"] - b for s, b in zip(results, single)]
-        lines.append(f"| {method} | " + " | ".join(spread([s[m] for s in results]) for m in METRICS)
-                     + (f" | {np.mean(delta):+.4f} ± {np.std(delta):.4f} |" if method != "single" else " | — |"))
+    for method, reports in methods.items():
+        summary = cv_summary(reports) | mean_std("delta", [r["macro_f1"] - s for r, s in zip(reports, single)])
+        cells = [f"{summary[f'{m}_mean']:.4f} ± {summary[f'{m}_std']:.4f}" for m in SHOWN]
+        delta = f"{summary['delta_mean']:+.4f} ± {summary['delta_std']:.4f}" if method != "single" else "—"
+        lines.append(f"| {method} | {' | '.join(cells)} | {delta} |")
     return "\n".join(lines)
 
 

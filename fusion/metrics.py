@@ -44,3 +44,26 @@ def format_report(metrics: dict[str, Any]) -> str:
     for label, row in zip(labels, metrics["confusion_matrix"]):
         lines.append(f"{label:<10}" + "".join(f"{count:>10d}" for count in row))
     return "\n".join(lines)
+
+
+METRICS = ("macro_f1", "accuracy", "weighted_f1", "neutral_recall")  # what leaderboards and CV summaries report
+
+
+def metric_of(report: dict[str, Any], name: str) -> float:
+    """One of ``METRICS`` from a report of ``evaluate``."""
+    return report["per_class"]["neutral"]["recall"] if name == "neutral_recall" else report[name]
+
+
+def mean_std(name: str, values: list[float] | np.ndarray) -> dict[str, float]:
+    """``{name}_mean`` and ``{name}_std`` (sample std over the folds; 0 for one fold)."""
+    values = np.asarray(values, dtype=np.float64)
+    return {f"{name}_mean": float(values.mean()), f"{name}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+
+
+def cv_summary(reports: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and std over K folds' reports of every one of ``METRICS``."""
+    summary: dict[str, float] = {}
+    for metric in METRICS:
+        summary |= mean_std(metric, [metric_of(report, metric) for report in reports])
+    return summary
+

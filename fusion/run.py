@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,20 +23,36 @@ from extract.dataset import LABEL_TO_ID, LABELS, read_split
 from fusion.calibration import ADJUSTMENT_KEY, LogitAdjustment, log_prior, stored_adjustment, tune_tau
 from fusion.config import MODALITIES, FitConfig, HeadConfig, from_dict
 from fusion.features import PairFeatures, load_pair_features, load_text_features
-from fusion.metrics import evaluate, format_report
+from fusion.metrics import cv_summary, evaluate, format_report
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, plot_confusion, plot_curves
 from fusion.registry import create_head
-from fusion.split import stratified_split
+from fusion.split import stratified_folds, stratified_split
 from fusion.train import HeadTrainer, predict_proba
 
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.pt", "metrics.json"
+CV_FILE = "cv.json"  # fit --folds K: the folds' validation reports and their mean ± std
+RUN_FILES = (
+    CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, CV_FILE, "confusion_matrix.csv", "report.txt", CURVES_FILE, CONFUSION_FILE
+)
 
 
 def prepare_run_dir(out: Path, overwrite: bool) -> Path:
-    """Refuse to mix a new run into an existing one unless asked to."""
+    """Refuse to mix a new run into an existing one unless asked to; when asked, the old run's files go first.
+
+    Only what a run writes is removed (its files, and ``fold-*`` runs): a stale top-level run or
+    fold must never join the new run's predictions (``predict`` reads either one run or the folds).
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: run folder exists and is not empty; choose another --out or pass --overwrite")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out}: run folder exists and is not empty; choose another --out or pass --overwrite"
+            )
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for fold in out.glob("fold-*"):
+            if (fold / CONFIG_FILE).is_file():
+                shutil.rmtree(fold)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -150,6 +167,41 @@ def fit_run(
     return fit_rows(
         labelled, out, fit_config, head_options, train_rows, val_rows, overwrite=overwrite, progress=progress
     ).trainer
+
+
+def fit_folds(
+    data_dir: Path,
+    cache_root: Path,
+    out: Path,
+    fit_config: FitConfig,
+    head_options: dict[str, Any],
+    *,
+    folds: int,
+    text_encoder: str,
+    image_encoder: str,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[RunResult]:
+    """K-fold cross-validation of train.txt: a run per fold in ``out/fold-k``, and ``out/cv.json``.
+
+    Each fold's head is selected on its own validation fold; ``predict --run out`` averages the K
+    heads' probabilities (a fold ensemble), so every labelled pair trains K − 1 of them.
+    """
+    fit_config.validate()
+    labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
+    out = prepare_run_dir(out, overwrite)
+    results = [
+        fit_rows(
+            labelled, out / f"fold-{fold}", fit_config, head_options, train_rows, val_rows,
+            split={"folds": folds, "fold": fold, "seed": fit_config.seed}, progress=progress, plots=fold == 0,
+        )
+        for fold, (train_rows, val_rows) in enumerate(stratified_folds(labelled.labels, folds, fit_config.seed))
+    ]
+    reports = [result.validation for result in results]
+    write_json(out / CV_FILE, {
+        "folds": folds, "seed": fit_config.seed, "summary": cv_summary(reports), "validation": reports,
+    })
+    return results
 
 
 def fit_rows(

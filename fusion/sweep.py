@@ -40,7 +40,7 @@ import yaml
 
 from fusion.calibration import log_prior, tune_tau
 from fusion.config import FitConfig, HeadConfig
-from fusion.metrics import evaluate
+from fusion.metrics import METRICS, cv_summary, evaluate, mean_std, metric_of
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_leaderboard
 from fusion.run import LabelledFeatures, fit_rows, load_labelled, prepare_run_dir, write_json
 from fusion.split import stratified_folds, stratified_split
@@ -50,7 +50,6 @@ FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 HEAD_KEYS = tuple(f.name for f in fields(HeadConfig) if f.name not in CACHE_DERIVED)
 ENCODER_KEYS = ("text_encoder", "image_encoder")  # which caches a trial reads; each distinct pair is loaded once
 FIELD_TYPES: dict[str, type] = get_type_hints(FitConfig) | get_type_hints(HeadConfig)  # int, float, bool or str
-METRICS = ("macro_f1", "accuracy", "weighted_f1", "neutral_recall")
 BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 ABLATION_ROWS = {"text": "text only", "image": "image only", "both": "text + image"}
 
@@ -251,11 +250,6 @@ def fit_trials(
     return results
 
 
-def metric_of(metrics: dict[str, Any], name: str) -> float:
-    """One of ``METRICS`` from a validation report."""
-    return metrics["per_class"]["neutral"]["recall"] if name == "neutral_recall" else metrics[name]
-
-
 def cross_fitted(results: list[FoldResult], labels: np.ndarray, val_rows: list[np.ndarray],
                  train_rows: list[np.ndarray], num_classes: int) -> list[dict[str, Any]]:
     """Validation reports of one trial's folds, each with τ tuned on the other folds' validation predictions."""
@@ -295,9 +289,7 @@ def leaderboard(
             )
             taus = [report["tau"] for report in reports]
         fold_f1[trial.index] = np.asarray([metric_of(report, "macro_f1") for report in reports])
-        row: dict[str, Any] = {"config": trial.name}
-        for metric in METRICS:
-            row |= _mean_std(metric, [metric_of(report, metric) for report in reports])
+        row: dict[str, Any] = {"config": trial.name} | cv_summary(reports)
         row |= {
             "fit_seconds": float(np.mean([r.fit_seconds for r in folds])),
             "parameters": folds[0].parameters,
@@ -310,15 +302,9 @@ def leaderboard(
     rows.sort(key=lambda row: (-row["macro_f1_mean"], row["index"]))
     best = fold_f1[rows[0]["index"]]
     return [
-        {"rank": rank, **row, **_mean_std("delta_vs_best", fold_f1[row["index"]] - best)}
+        {"rank": rank, **row, **mean_std("delta_vs_best", fold_f1[row["index"]] - best)}
         for rank, row in enumerate(rows, start=1)
     ]
-
-
-def _mean_std(name: str, values: list[float] | np.ndarray) -> dict[str, float]:
-    """``{name}_mean`` and ``{name}_std`` (sample std over the folds; 0 for one fold)."""
-    values = np.asarray(values, dtype=np.float64)
-    return {f"{name}_mean": float(values.mean()), f"{name}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
 
 def _score(row: dict[str, Any], metric: str, folds: int, sign: str = "") -> str:

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -19,6 +20,7 @@ from typer.testing import CliRunner, Result
 import cli
 from extract.cache import cache_path
 from extract.dataset import LABELS, TEST_FILE, TRAIN_FILE, image_path
+from fusion.predict import predict_submission
 from fusion.registry import head_names
 
 runner = CliRunner()
@@ -250,6 +252,39 @@ def test_pipeline_runs_extract_fit_predict_with_the_given_encoders(data_dir, dat
         assert stage in result.output
     rows = list(csv.DictReader(submission.open()))
     assert [row["guid"] for row in rows] == data_spec.test and {row["tag"] for row in rows} <= set(LABELS)
-    config = json.loads((run_dir / "config.json").read_text())
+    assert sorted(p.name for p in run_dir.glob("fold-*")) == [f"fold-{k}" for k in range(5)]  # 5 folds by default
+    config = json.loads((run_dir / "fold-0" / "config.json").read_text())
     assert config["encoders"]["text"]["encoder"] == encoders[1]
     assert config["encoders"]["image"]["encoder"] == encoders[3]
+    assert "5-fold cross-validation of gated" in result.output
+
+
+def test_fit_folds_writes_a_run_per_fold_and_predict_averages_them(cached, data_dir, data_spec, tmp_path):
+    run, submission = tmp_path / "cv", tmp_path / "sub.csv"
+    fitted = succeeded(invoke("fit", *cached, "--out", run, "--folds", 3, *FIT_OPTIONS))
+    assert sorted(p.name for p in run.glob("fold-*")) == ["fold-0", "fold-1", "fold-2"]
+    validated = [json.loads((run / f"fold-{k}" / "config.json").read_text())["val_guids"] for k in range(3)]
+    assert sorted(sum(validated, [])) == sorted(data_spec.train)  # every labelled pair validated exactly once
+    cv = json.loads((run / "cv.json").read_text())
+    f1 = [json.loads((run / f"fold-{k}" / "metrics.json").read_text())["validation"]["macro_f1"] for k in range(3)]
+    assert cv["summary"]["macro_f1_mean"] == pytest.approx(sum(f1) / 3)
+    assert f"3-fold cross-validation of gated (mean ± std): accuracy {cv['summary']['accuracy_mean']:.4f}" in (
+        fitted.output
+    )
+    succeeded(invoke("predict", *cached[:4], "--run", run, "--out", submission))
+    folds = [predict_submission([run / f"fold-{k}"], data_dir, cached[3], tmp_path / f"{k}.csv") for k in range(3)]
+    ensemble = np.mean(folds, axis=0)  # (N_test, C): the three heads' probabilities, averaged
+    expected = [LABELS[int(i)] for i in ensemble.argmax(1)]
+    assert [tag for _, tag in read_submission(submission)[1:]] == expected
+
+
+def test_overwrite_replaces_a_single_run_by_folds_and_back(cached, tmp_path):
+    run = tmp_path / "run"
+    succeeded(invoke("fit", *cached, "--out", run, *FIT_OPTIONS))
+    succeeded(invoke("fit", *cached, "--out", run, "--folds", 2, "--overwrite", *FIT_OPTIONS))
+    # A stale top-level run would be read by predict instead of the folds: it must be gone.
+    assert not (run / "config.json").exists() and not (run / "model.pt").exists()
+    assert (run / "fold-1" / "model.pt").is_file()
+    succeeded(invoke("fit", *cached, "--out", run, "--overwrite", *FIT_OPTIONS))
+    assert not list(run.glob("fold-*")) and not (run / "cv.json").exists()
+    assert (run / "model.pt").is_file()
