@@ -43,6 +43,12 @@ def build_encoders(descriptions: dict[str, dict[str, Any]]) -> tuple[TextEncoder
     """Rebuild the text and image encoders from their recorded descriptions (name and options)."""
     from extract.registry import create_encoder
 
+    for kind, description in descriptions.items():
+        if "streams" in description:  # fusion.features.joined_description: several caches of one modality
+            raise ValueError(
+                f"the run reads several {kind} encoders ({description['encoder']}); end-to-end models take one "
+                "text and one image encoder"
+            )
     text, image = (create_encoder(kind, d["encoder"], **d["options"]) for kind, d in descriptions.items())
     return text, image
 

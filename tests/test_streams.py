@@ -91,6 +91,10 @@ def test_extract_fit_predict_with_two_encoders_per_modality(
     post = succeeded(invoke("predict", "--run", run, "--text", "so happy", "--image", image_path(data_dir, "1")))
     assert POST.search(post.output), post.output
 
+    refused = invoke("finetune", "--from-run", run, "--out", tmp_path / "ft", "--data", data_dir)
+    one_line_error(refused, "several text encoders", "end-to-end models take one")
+    assert not (tmp_path / "ft").exists()
+
     # The run's second image stream must come from the encoder it was trained on.
     other = cache_path(tmp_path / "cache", data_dir, "image", second_image_encoder)
     other.unlink()
