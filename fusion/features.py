@@ -9,6 +9,7 @@ normalisation ever happens in the training loop. A modality may read several cac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from extract.registry import STREAM_SEPARATOR, stream_names
 from fusion.layers import normalise_features
 
 Stream = tuple[torch.Tensor, torch.Tensor]  # features (N, L, D), mask (N, L) of one encoder
+# (kind, encoder, the description the caller expects as JSON) → that modality's joined features and description
+LoadedFeatures = dict[tuple[str, str, str], tuple[Stream, dict[str, Any]]]
 
 
 @dataclass
@@ -109,7 +112,7 @@ def _trimmed(
     mask = mask[rows]  # (B, L)
     real = mask.any(dim=0).nonzero()  # (L_real, 1) positions real in some row
     length = int(real[-1]) + 1 if used and len(real) else 1
-    # index_select on the trimmed view: one gather of the rows' real span, ~2.5× faster than features[rows, :length]
+    # index_select on the trimmed view: one gather of the rows' real span, faster than features[rows, :length]
     picked = features[:, :length].index_select(0, rows)  # (B, length, D)
     return picked.float().to(device), (mask[:, :length] & used).to(device)
 
@@ -174,19 +177,23 @@ def load_pair_features(
     text_encoder: str,
     image_encoder: str,
     expected: dict[str, dict[str, Any]] | None = None,
-    loaded: dict[tuple[str, str], tuple[Stream, dict[str, Any]]] | None = None,
+    loaded: LoadedFeatures | None = None,
 ) -> tuple[PairFeatures, dict[str, dict[str, Any]]]:
     """Features of ``guids`` from the text and image caches (one or more each), and the caches' descriptions.
 
-    ``loaded`` keeps each modality's joined features by (kind, encoder), for callers that pair one
-    cache with several others (a sweep over encoders): it is read and normalised once, not once per pair.
+    ``loaded`` keeps each modality's joined features, for callers that read one cache many times (a
+    sweep pairing it with several others, an ensemble of runs that share it): it is read, checked
+    and normalised once. The caller must pass the same ``guids`` with the same ``loaded``.
     """
     expected, loaded = expected or {}, {} if loaded is None else loaded
+    keys = []
     for kind, encoder in (("text", text_encoder), ("image", image_encoder)):
-        if (kind, encoder) not in loaded:
+        key = (kind, encoder, json.dumps(expected.get(kind), sort_keys=True))
+        if key not in loaded:
             streams, description = load_streams(cache_root, data_dir, kind, encoder, guids, expected.get(kind))
-            loaded[kind, encoder] = joined_streams(streams), description
-    (text, text_description), (image, image_description) = loaded["text", text_encoder], loaded["image", image_encoder]
+            loaded[key] = joined_streams(streams), description
+        keys.append(key)
+    (text, text_description), (image, image_description) = (loaded[key] for key in keys)
     return PairFeatures(list(guids), *text, *image), {"text": text_description, "image": image_description}
 
 

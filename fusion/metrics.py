@@ -66,4 +66,3 @@ def cv_summary(reports: list[dict[str, Any]]) -> dict[str, float]:
     for metric in METRICS:
         summary |= mean_std(metric, [metric_of(report, metric) for report in reports])
     return summary
-

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from extract.encoders.base import ImageEncoder, TextEncoder
+from fusion.features import stream_descriptions
 from fusion.layers import normalise_features
 
 
@@ -44,7 +45,7 @@ def build_encoders(descriptions: dict[str, dict[str, Any]]) -> tuple[TextEncoder
     from extract.registry import create_encoder
 
     for kind, description in descriptions.items():
-        if "streams" in description:  # fusion.features.joined_description: several caches of one modality
+        if len(stream_descriptions(description)) > 1:
             raise ValueError(
                 f"the run reads several {kind} encoders ({description['encoder']}); end-to-end models take one "
                 "text and one image encoder"

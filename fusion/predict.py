@@ -9,7 +9,6 @@ an ensemble: the average of their class probabilities.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from extract.device import resolve_device
 from extract.ocr import ocr_path, read_ocr
 from extract.registry import create_encoder
 from fusion.config import HeadConfig, from_dict
-from fusion.features import PairFeatures, load_pair_features, stream_descriptions
+from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, stream_descriptions
 from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
 from fusion.registry import create_head
 from fusion.run import CONFIG_FILE, WEIGHTS_FILE, load_head, predict_run, read_config
@@ -66,13 +65,13 @@ def expand_runs(paths: list[Path]) -> list[Path]:
 
 def run_probabilities(
     run_dir: Path, data_dir: Path, cache_root: Path, guids: list[str],
-    loaded: dict[str, PairFeatures] | None = None,
+    loaded: LoadedFeatures | None = None,
 ) -> np.ndarray:
     """Class probabilities (N, C) of one run for ``guids`` of ``data_dir``.
 
     A fit run reads the cached features; a finetune run encodes the raw pairs with its own encoders.
-    ``loaded`` keeps the features read per encoder description, so the runs of an ensemble that
-    share their caches (the folds of a sweep trial) read and normalise them once.
+    ``loaded`` (``load_pair_features``) lets the runs of an ensemble that share their caches (the
+    folds of a trial) read and normalise them once.
     """
     config = read_config(run_dir)
     if config.get("kind") == "finetune":
@@ -84,19 +83,17 @@ def run_probabilities(
         return predict_raw(model.to(device), pairs, device=device, progress=True).numpy()
     model, config = load_head(run_dir)
     encoders = config["encoders"]
-    loaded = {} if loaded is None else loaded
-    key = json.dumps(encoders, sort_keys=True)
-    if key not in loaded:
-        loaded[key], _ = load_pair_features(
-            cache_root, data_dir, guids, encoders["text"]["encoder"], encoders["image"]["encoder"], expected=encoders
-        )
-    return predict_run(run_dir, model, config, loaded[key])  # (N, C)
+    features, _ = load_pair_features(
+        cache_root, data_dir, guids, encoders["text"]["encoder"], encoders["image"]["encoder"], expected=encoders,
+        loaded=loaded,
+    )
+    return predict_run(run_dir, model, config, features)  # (N, C)
 
 
 def predict_submission(runs: list[Path], data_dir: Path, cache_root: Path, out: Path) -> np.ndarray:
     """Label every row of ``test_without_label.txt`` with the runs' mean probabilities; returns them (N, C)."""
     guids = [row.guid for row in read_split(data_dir, "test")]
-    loaded: dict[str, PairFeatures] = {}
+    loaded: LoadedFeatures = {}
     probabilities = np.mean(
         [run_probabilities(run, data_dir, cache_root, guids, loaded) for run in expand_runs(runs)], axis=0
     )

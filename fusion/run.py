@@ -22,7 +22,7 @@ import torch
 from extract.dataset import LABEL_TO_ID, LABELS, read_split
 from fusion.calibration import ADJUSTMENT_KEY, LogitAdjustment, log_prior, stored_adjustment, tune_tau
 from fusion.config import MODALITIES, FitConfig, HeadConfig, from_dict
-from fusion.features import PairFeatures, load_pair_features, load_text_features
+from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, load_text_features
 from fusion.metrics import cv_summary, evaluate, format_report
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, plot_confusion, plot_curves
 from fusion.registry import create_head
@@ -123,7 +123,7 @@ class RunResult:
 
 def load_labelled(
     data_dir: Path, cache_root: Path, *, text_encoder: str, image_encoder: str,
-    loaded: dict[tuple[str, str], Any] | None = None,
+    loaded: LoadedFeatures | None = None,
 ) -> LabelledFeatures:
     """Every labelled pair with its features; ``loaded`` shares modalities already read (``load_pair_features``)."""
     guids, labels = labelled_rows(data_dir)

@@ -40,6 +40,7 @@ import yaml
 
 from fusion.calibration import log_prior, tune_tau
 from fusion.config import FitConfig, HeadConfig
+from fusion.features import LoadedFeatures
 from fusion.metrics import METRICS, cv_summary, evaluate, mean_std, metric_of
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_leaderboard
 from fusion.run import LabelledFeatures, fit_rows, load_labelled, prepare_run_dir, write_json
@@ -414,7 +415,7 @@ def sweep_from_cache(
     out = prepare_run_dir(out, overwrite)
     echo(f"{len(trials)} configurations × {options.folds} fold(s); loading the cached features once")
     labelled: dict[tuple[str, str], LabelledFeatures] = {}
-    loaded: dict[tuple[str, str], Any] = {}  # each modality's features, shared by every pair that reads them
+    loaded: LoadedFeatures = {}  # each modality's features, shared by every pair that reads them
     for trial in trials:  # every cache (and auxiliary texts) loaded once, before any worker forks
         if trial.encoders not in labelled:
             text, image = trial.encoders

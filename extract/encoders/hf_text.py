@@ -70,12 +70,16 @@ class HFTextEncoder(TextEncoder):
             {"ocr": True} if ocr else {}) | ({"vader": True} if vader else {}) | (
             {"image_text_only": True} if image_text_only else {})
         self.ocr, self.vader, self.image_text_only = ocr, vader, image_text_only
-        self.segments = 2 if ocr and not image_text_only else 1  # tweet and image text, or one of them
         self.ocr_texts: dict[str, str] = {}  # guid → image text, from the OCR cache; others are read on demand
         self._ocr_reader: Any = None
         self.lexicon_dim = len(VADER_SCORES) * self.segments if vader else 0  # each segment's scores
         self.dim = self.model.config.hidden_size + self.lexicon_dim
         self.length = max_tokens
+
+    @property
+    def segments(self) -> int:
+        """2 for (tweet, image text) pairs, 1 for the tweet or the image text alone."""
+        return 2 if self.ocr and not self.image_text_only else 1
 
     def read(self, data_dir: Path, guid: str) -> str | tuple[str, str]:
         if not self.ocr:
