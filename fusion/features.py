@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from extract.cache import CacheMismatchError, cache_path, load_features
 from extract.registry import STREAM_SEPARATOR, stream_names
 from fusion.layers import normalise_features
+from fusion.pooling import Pool
 
 Stream = tuple[torch.Tensor, torch.Tensor]  # features (N, L, D), mask (N, L) of one encoder
 # (kind, encoder, the description the caller expects as JSON) → that modality's joined features and description
@@ -36,6 +37,9 @@ class PairFeatures:
     text_mask: torch.Tensor  # (N, T) bool, True = real token
     image: torch.Tensor  # (N, P, D_image) float16, normalised
     image_mask: torch.Tensor  # (N, P) bool, True = real patch
+    # (modality, fixed pooling) → that modality pooled once: (N, 1, D) float32 and its (N, 1) mask. Never
+    # copied by ``dataclasses.replace``, so features with other masks (``with_modalities``) pool their own.
+    _pooled: dict[tuple[str, str], Stream] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_encoders(cls, guids: list[str], text: Sequence[Stream], image: Sequence[Stream]) -> PairFeatures:
@@ -51,6 +55,22 @@ class PairFeatures:
             [self.guids[r] for r in rows], self.text[index], self.text_mask[index], self.image[index],
             self.image_mask[index],
         )
+
+    def pooled(self, poolings: dict[str, str]) -> PairFeatures:
+        """These features with each modality in ``poolings`` (``fusion.registry.input_poolings``) pooled.
+
+        A pooled modality is one position per pair, (N, 1, D), real where the pair had any real
+        position: a head pools it back to the same vector, so its logits are those of the whole
+        sequence, but an epoch reads N·D numbers instead of N·L·D. Each (modality, pooling) is
+        computed once per features object and kept, so every fold and configuration of a sweep
+        that subsets these features shares it.
+        """
+        streams = {"text": (self.text, self.text_mask), "image": (self.image, self.image_mask)}
+        for modality, kind in poolings.items():
+            if (modality, kind) not in self._pooled:
+                self._pooled[modality, kind] = _pooled_stream(*streams[modality], kind)
+            streams[modality] = self._pooled[modality, kind]
+        return PairFeatures(self.guids, *streams["text"], *streams["image"]) if poolings else self
 
     def batch(
         self, rows: torch.Tensor, inputs: tuple[str, ...] = ("text", "image"), device: torch.device | str = "cpu"
@@ -104,6 +124,16 @@ def _padded(x: torch.Tensor, length: int) -> torch.Tensor:
     """(B, L, …) padded with zeros (False for masks) to (B, length, …)."""
     padding = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
     return torch.cat([x, padding], dim=1)
+
+
+def _pooled_stream(features: torch.Tensor, mask: torch.Tensor, kind: str, chunk: int = 256) -> Stream:
+    """``features`` (N, L, D) pooled by ``kind`` in float32, a chunk of rows at a time: (N, 1, D) and mask (N, 1)."""
+    pool = Pool(kind, features.shape[-1])
+    pooled = torch.cat([
+        pool(features[start : start + chunk].float(), mask[start : start + chunk])
+        for start in range(0, len(features), chunk)
+    ]) if len(features) else features.new_zeros(0, features.shape[-1], dtype=torch.float32)  # (N, D)
+    return pooled.unsqueeze(1), mask.any(dim=1, keepdim=True)
 
 
 def _trimmed(

@@ -4,19 +4,27 @@ Masks are bool (B, L), True = real token/patch. A row with no real position (a
 skipped image, an empty stream) pools to zeros rather than NaN.
 
 ``project_and_pool`` is what the pooled heads call: the same result as projecting
-every position and pooling, computed by pooling first wherever that is exact.
+every position and pooling, computed by pooling first wherever that is exact. The fixed
+poolings (every one but attention) give a branch the same input vector every epoch, so the
+trainer pools such branches once per loaded cache (``fixed_input_poolings``,
+``fusion.features.PairFeatures.pooled``) and the head then pools a single position.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fusion.layers import PatchPositions, Projection
 
+if TYPE_CHECKING:
+    from fusion.config import HeadConfig
+
 POOLINGS = ("last", "first", "mean", "max", "attention")
+FIXED_POOLINGS = ("last", "first", "mean", "max")  # no parameters: a fixed function of the encoder features
 
 
 class Pool(nn.Module):
@@ -30,6 +38,8 @@ class Pool(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Pool ``x`` (B, L, D); attention pooling may be given its (B, L) ``scores`` instead of computing them."""
+        if x.shape[1] == 1:  # every pooling of one position is that position: pre-pooled inputs take no work
+            return x[:, 0] * mask.to(x.dtype)  # (B, D); a masked position is multiplied by zero
         has_any = mask.any(dim=1, keepdim=True)  # (B, 1)
         if self.kind in ("last", "first"):
             positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (B, L)
@@ -66,9 +76,11 @@ def project_and_pool(
     takes weights a_i that sum to 1, so  Σ a_i·m⊙(W x_i + b) = m⊙(W Σ a_i x_i + b), and attention
     scores q·m⊙(W x_i + b) = (Wᵀ(m⊙q))·x_i + a constant that softmax ignores. Pooling the inputs
     first costs L·D_in per pair instead of L·D_in·D: projecting 49 patches of 1280 features was
-    most of a pooled head's time. Max pooling and patch positions take the direct path.
+    most of a pooled head's time. Max pooling is defined on the encoder features (the maximum of
+    each input feature over the real positions, then projected), which makes it a fixed pooling
+    like the others. Patch positions, added after the projection, take the direct path.
     """
-    if pool.kind == "max" or (positions is not None and positions.kind != "none"):
+    if positions is not None and positions.kind != "none":
         projected = projection(x)  # (B, L, D)
         return pool(positions(projected) if positions is not None else projected, mask)
     batch, dim = x.shape[0], projection.linear.out_features
@@ -84,3 +96,22 @@ def project_and_pool(
     if keep is not None:
         pooled = pooled * keep
     return torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
+
+
+class PoolsInputs:
+    """Mixin of heads whose branches pool their projected inputs (``project_and_pool``), one per modality.
+
+    A branch with a fixed pooling and no patch positions depends on its input only through that
+    pooled vector, so the trainer may hand it the vector as a one-position sequence: pooling a
+    single real position gives it back, and the logits are the same.
+    """
+
+    modalities: tuple[str, ...]
+
+    @classmethod
+    def input_poolings(cls, config: HeadConfig) -> dict[str, str]:
+        """Modality → fixed pooling, for each branch of this head that pools its raw inputs with one."""
+        poolings = {"text": config.text_pool}
+        if config.image_positions == "none":
+            poolings["image"] = config.image_pool
+        return {m: kind for m, kind in poolings.items() if m in cls.modalities and kind in FIXED_POOLINGS}

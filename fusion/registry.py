@@ -34,6 +34,19 @@ def head_names() -> list[str]:
     return sorted(HEADS)
 
 
+def input_poolings(name: str, config: HeadConfig) -> dict[str, str]:
+    """Modality → fixed pooling of each branch of head ``name`` that pools its raw inputs with one.
+
+    Such a branch sees the same pooled vector every epoch: the trainer pools it once per loaded
+    cache (``PairFeatures.pooled``) instead of streaming the whole sequence each batch.
+    Heads without the ``PoolsInputs`` mixin (cross-attention) pool after attending: nothing to share.
+    """
+    if name not in head_names():
+        raise ValueError(f"unknown head {name!r}; choose one of {head_names()}")
+    poolings = getattr(HEADS[name], "input_poolings", None)
+    return poolings(config) if poolings is not None else {}
+
+
 def create_head(name: str, config: HeadConfig) -> Any:
     if name not in head_names():
         raise ValueError(f"unknown head {name!r}; choose one of {head_names()}")

@@ -25,7 +25,7 @@ from fusion.config import MODALITIES, FitConfig, HeadConfig, from_dict
 from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, load_text_features
 from fusion.metrics import cv_summary, evaluate, format_report
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, plot_confusion, plot_curves
-from fusion.registry import create_head
+from fusion.registry import create_head, input_poolings
 from fusion.split import stratified_folds, stratified_split
 from fusion.train import HeadTrainer, predict_proba
 
@@ -103,6 +103,19 @@ class LabelledFeatures:
             )
             self.auxiliary[aux_data] = features, labels
         return self.auxiliary[aux_data]
+
+    def head_inputs(
+        self, fit_config: FitConfig, head_config: HeadConfig
+    ) -> tuple[PairFeatures, tuple[PairFeatures, np.ndarray] | None]:
+        """What a head of these configs trains on: every pair, and the auxiliary texts (or None).
+
+        Branches with a fixed pooling get vectors pooled once per loaded cache (``PairFeatures.pooled``),
+        shared by every fold and configuration; the modality an ablation leaves out is masked.
+        """
+        poolings = input_poolings(fit_config.head, head_config)
+        features = with_modalities(self.features.pooled(poolings), fit_config.modalities)
+        aux = self.aux(fit_config.aux_data)
+        return features, None if aux is None else (aux[0].pooled(poolings), aux[1])
 
     def head_config(self, head_options: dict[str, Any]) -> HeadConfig:
         """The head's config: sizes from the caches, the rest from ``head_options``."""
@@ -235,11 +248,10 @@ def fit_rows(
         "val_guids": [guids[r] for r in val_rows],
     } | ({"split": split} if split else {})
     write_json(out / CONFIG_FILE, config)  # first, so a crashed run still says what it was
-    features = with_modalities(labelled.features, fit_config.modalities)
+    features, aux = labelled.head_inputs(fit_config, head_config)
     val = features.subset(val_rows)
     trainer = HeadTrainer(fit_config, head_config).fit(
-        features.subset(train_rows), labels[train_rows], val, labels[val_rows],
-        aux=labelled.aux(fit_config.aux_data), progress=progress,
+        features.subset(train_rows), labels[train_rows], val, labels[val_rows], aux=aux, progress=progress,
     )
     val_probabilities = predict_proba(trainer.model_, val)  # (N_val, C)
     adjustment, validation = LogitAdjustment(), trainer.val_metrics_

@@ -416,13 +416,14 @@ def sweep_from_cache(
     echo(f"{len(trials)} configurations × {options.folds} fold(s); loading the cached features once")
     labelled: dict[tuple[str, str], LabelledFeatures] = {}
     loaded: LoadedFeatures = {}  # each modality's features, shared by every pair that reads them
-    for trial in trials:  # every cache (and auxiliary texts) loaded once, before any worker forks
+    for trial in trials:  # every cache, auxiliary texts and fixed pooling computed once, before any worker forks
         if trial.encoders not in labelled:
             text, image = trial.encoders
             labelled[trial.encoders] = load_labelled(
                 data_dir, cache_root, text_encoder=text, image_encoder=image, loaded=loaded
             )
-        labelled[trial.encoders].aux(trial.fit_config.aux_data)
+        pairs = labelled[trial.encoders]
+        pairs.head_inputs(trial.fit_config, pairs.head_config(trial.head_options))
     rows = run_sweep(labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo)
     return trials, rows
 

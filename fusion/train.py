@@ -45,7 +45,7 @@ class HeadTrainer:
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         model = create_head(config.head, self.head_config)
-        optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr)
+        optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr, fused=True)
         class_weights = (
             inverse_frequency_weights(y_train, self.head_config.num_classes) if config.class_weights else None
         )

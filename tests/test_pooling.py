@@ -99,6 +99,17 @@ def test_attention_is_a_convex_combination_of_real_positions(sequence):
 
 
 @pytest.mark.parametrize("kind", POOLINGS)
+def test_one_position_pools_to_itself_as_the_general_path_does(kind, sequence):
+    x, mask = sequence
+    one, one_mask = x[:, 4:5], mask[:, 4:5]  # rows 1 and 2 have it masked
+    pool = make_pool(kind)
+    garbage_after = torch.cat([one, torch.full((B, 1, D), 1e4)], dim=1)  # (B, 2, D): the general path
+    general = pool(garbage_after, torch.cat([one_mask, torch.zeros(B, 1, dtype=torch.bool)], dim=1))
+    torch.testing.assert_close(pool(one, one_mask), general, atol=1e-6, rtol=0)
+    assert torch.equal(pool(one, one_mask)[1], torch.zeros(D))
+
+
+@pytest.mark.parametrize("kind", POOLINGS)
 def test_all_false_row_pools_to_zeros(kind, sequence):
     x, mask = sequence
     mask[2] = False
@@ -139,7 +150,10 @@ def projected_setup(kind: str, positions: str, sequence):
 @pytest.mark.parametrize("kind", POOLINGS)
 @pytest.mark.parametrize("training", [False, True])
 def test_project_and_pool_equals_projecting_every_position(kind, positions, training, sequence):
-    """Pooling before projecting is exact: same output and same gradients, dropout included (same seed)."""
+    """Pooling before projecting is exact: same output and same gradients, dropout included (same seed).
+
+    Max pooling is the one pooling defined before the projection (the maximum of each encoder feature).
+    """
     projection, pool, table, features, mask = projected_setup(kind, positions, sequence)
     projection.train(training)
     torch.manual_seed(3)
@@ -148,7 +162,10 @@ def test_project_and_pool_equals_projecting_every_position(kind, positions, trai
     fast_grads = [p.grad.clone() for p in projection.parameters()]
     projection.zero_grad()
     torch.manual_seed(3)
-    direct = pool(table(projection(features)), mask)  # (B, D)
+    if kind == "max" and positions == "none":  # max pools the encoder features, then projects (a fixed pooling)
+        direct = torch.where(mask.any(1, keepdim=True), projection(pool(features, mask)), 0.0)  # (B, D)
+    else:
+        direct = pool(table(projection(features)), mask)  # (B, D)
     direct.square().sum().backward()
     torch.testing.assert_close(fast, direct, atol=1e-5, rtol=1e-5)
     for fast_grad, parameter in zip(fast_grads, projection.parameters()):

@@ -18,12 +18,12 @@ from torch import nn
 
 from fusion.config import HeadConfig
 from fusion.layers import PatchPositions, Projection, classifier
-from fusion.pooling import Pool, project_and_pool
+from fusion.pooling import Pool, PoolsInputs, project_and_pool
 from fusion.registry import register_head
 
 
 @register_head("gated")
-class GatedHead(nn.Module):
+class GatedHead(PoolsInputs, nn.Module):
     modalities = ("text", "image")
 
     def __init__(self, config: HeadConfig):

@@ -11,11 +11,12 @@ from torch import nn
 
 from fusion.config import HeadConfig
 from fusion.heads.pooled import ImageOnlyHead, TextOnlyHead
+from fusion.pooling import PoolsInputs
 from fusion.registry import register_head
 
 
 @register_head("late")
-class LateHead(nn.Module):
+class LateHead(PoolsInputs, nn.Module):
     modalities = ("text", "image")
 
     def __init__(self, config: HeadConfig):

@@ -11,11 +11,11 @@ from torch import nn
 
 from fusion.config import HeadConfig
 from fusion.layers import PatchPositions, Projection, classifier
-from fusion.pooling import Pool, project_and_pool
+from fusion.pooling import Pool, PoolsInputs, project_and_pool
 from fusion.registry import register_head
 
 
-class PooledHead(nn.Module):
+class PooledHead(PoolsInputs, nn.Module):
     modalities: tuple[str, ...] = ("text", "image")
 
     def __init__(self, config: HeadConfig):
