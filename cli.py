@@ -74,6 +74,10 @@ def extract(
         "none", help="Tweet normalisation: none | all | comma list of retweet,links,mentions,hashtags,lost-emoji."
     ),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
+    decode: str = typer.Option(
+        "auto", help="How JPEGs become pixels: auto (batched on the GPU when extracting on CUDA, else pil) | pil "
+        "(in the data-loading workers) | tensor (torchvision's decoder on the extraction device).",
+    ),
     workers: int | None = typer.Option(None, min=0, help="Data-loading processes (default: half the CPU cores)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images as skipped instead of stopping."),
     only: str | None = typer.Option(None, help="Extract only 'text' or 'image'."),
@@ -95,6 +99,8 @@ def extract(
     torch_device = resolve_device(device)
     guids = data_guids(data)
     kinds = {"text": (text_encoder, {"max_tokens": max_tokens, "normalize": normalize}), "image": (image_encoder, {})}
+    if decode not in ("auto", "pil", "tensor"):
+        raise typer.BadParameter(f"expected auto, pil or tensor, got {decode!r}", param_hint="--decode")
     if only is not None and only not in kinds:
         raise typer.BadParameter(f"expected 'text' or 'image', got {only!r}", param_hint="--only")
     if is_text_only(data):
@@ -113,7 +119,7 @@ def extract(
                 typer.echo(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
             summary = extract_features(
                 encoder, data, cache, guids=guids, batch_size=batch_size, device=torch_device, skip_bad=skip_bad,
-                num_workers=workers,
+                num_workers=workers, decode=decode,
             )
             seconds = time.perf_counter() - started
             typer.echo(

@@ -4,6 +4,11 @@ The hub weights cannot be downloaded on the GPU machine, so both encoders are th
 architectures with random weights (speed does not depend on the weights): a default
 ``BertConfig`` (bert-base-uncased's shape and vocabulary) and torchvision ``resnet50``.
 
+Image extraction runs twice, each into its own cache: with JPEGs decoded by PIL in the
+DataLoader workers (``extract_image``, the reference) and decoded in batches on the device
+(``extract_image_tensor_decode``: nvjpeg on CUDA, see extract/decode.py). The second also
+records how far it is from the first: pixels in 8-bit levels and cached features.
+
     python -m benchmarks.gpu --data DIR --tokenizer DIR [--steps 300] [--out results.json]
 
 Prints a table and writes the figures as JSON. ``--tiny`` runs the same path with small
@@ -21,10 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from extract.dataset import read_split
+from extract.cache import load_features
+from extract.dataset import BadImageError, image_path, read_split
+from extract.decode import EncodedJpeg, decode_images, read_raw_image
 from extract.device import resolve_device
+from extract.encoders.base import PatchImageEncoder
 from extract.registry import create_image_encoder, create_text_encoder
 from extract.run import data_guids, extract_features
 from fusion.finetune import FinetuneConfig, finetune_run
@@ -57,6 +66,45 @@ def fill_missing_images(data_dir: Path) -> int:
     return len(missing)
 
 
+def warm_file_cache(data_dir: Path, guids: list[str]) -> None:
+    """Read every image once, so neither image extraction pays for the first reads from disk."""
+    for guid in guids:
+        path = image_path(data_dir, guid)
+        if path.is_file():
+            path.read_bytes()
+
+
+def decode_agreement(encoder: PatchImageEncoder, data_dir: Path, guids: list[str], device: torch.device) -> dict:
+    """The tensor path's pixels against the PIL path's over ``guids``, in 8-bit levels (|Δ| · std · 255)."""
+    square = {"image_size": encoder.image_size, "mean": encoder.mean, "std": encoder.std}
+    raw = [read_raw_image(data_dir, guid, **square) for guid in guids]
+    decoded = decode_images(raw, **square, device=device)
+    std = torch.tensor(encoder.std).view(3, 1, 1)
+    levels = [
+        (pixels.cpu() - encoder.read(data_dir, guid)).abs() * std * 255.0  # (3, S, S)
+        for guid, pixels in zip(guids, decoded)
+        if not isinstance(pixels, BadImageError)
+    ]
+    return {
+        "images": len(levels),
+        "decoded_as_jpeg_bytes": sum(isinstance(item, EncodedJpeg) for item in raw),
+        "max_levels": round(max(float(level.max()) for level in levels), 2),
+        "mean_levels": round(float(np.mean([float(level.mean()) for level in levels])), 4),
+    }
+
+
+def feature_agreement(path: Path, reference: Path, guids: list[str]) -> dict:
+    """Cached features of ``path`` against ``reference`` over ``guids``: |Δ| and the reference's mean |x|."""
+    features = load_features(path, guids).features.astype(np.float32)  # (N, P, D)
+    expected = load_features(reference, guids).features.astype(np.float32)  # (N, P, D)
+    difference = np.abs(features - expected)
+    return {
+        "pairs": len(guids), "max_abs_diff": round(float(difference.max()), 4),
+        "mean_abs_diff": round(float(difference.mean()), 5),
+        "mean_abs_feature": round(float(np.abs(expected).mean()), 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -69,6 +117,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small models, to check the script on a CPU")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--fill-missing-images", action="store_true", help="reuse present images for missing ones")
+    parser.add_argument("--compare-pairs", type=int, default=256, help="pairs whose pixels and features both "
+                        "image decoders are compared on")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -83,20 +133,32 @@ def main() -> None:
         scratch = Path(scratch)
         text = create_text_encoder(str(random_bert(args.tokenizer, scratch / "bert", args.tiny)), max_tokens=64)
         image = create_image_encoder("tv:resnet18" if args.tiny else "resnet50", weights="random")
-        for encoder in (text, image):
+        warm_file_cache(args.data, guids)
+        # One cache folder per run: the second image run would otherwise find every pair cached.
+        runs = (("extract_text", text, "auto"), ("extract_image", image, "pil"),
+                ("extract_image_tensor_decode", image, "tensor"))
+        caches: dict[str, Path] = {}
+        for key, encoder, decode in runs:
             started = time.perf_counter()
-            summary = extract_features(encoder, args.data, scratch / "cache", guids=guids,
+            summary = extract_features(encoder, args.data, scratch / key, guids=guids, decode=decode,
                                        batch_size=args.extract_batch_size, device=device, num_workers=args.workers)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
-            results[f"extract_{encoder.kind}"] = {
+            caches[key] = summary.path
+            results[key] = {
                 "encoder": "bert-base (random)" if encoder.kind == "text" and not args.tiny else encoder.name,
+                "decode": decode if encoder.kind == "image" else None,
                 "pairs": summary.encoded, "seconds": round(seconds, 1),
                 "pairs_per_s": round(summary.encoded / seconds, 1),
                 "cache_mb": round(summary.path.stat().st_size / 2**20, 1),
             }
             encoder.cpu()
+        compared = guids[: args.compare_pairs]
+        results["extract_image_tensor_decode"]["pixels_vs_pil"] = decode_agreement(image, args.data, compared, device)
+        results["extract_image_tensor_decode"]["features_vs_pil"] = feature_agreement(
+            caches["extract_image_tensor_decode"], caches["extract_image"], compared
+        )
         train_pairs = len(read_split(args.data, "train")) * 0.9  # the default validation split keeps 10 %
         for precision, steps in (("bf16", args.steps), ("fp16", max(args.steps // 10, 2))):
             epochs = math.ceil(steps / math.ceil(train_pairs / args.batch_size))

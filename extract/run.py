@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +16,8 @@ from tqdm import tqdm
 
 from extract.cache import FeatureCache, cache_path
 from extract.dataset import BadImageError, read_split
-from extract.encoders.base import Encoder
+from extract.decode import decode_images, read_raw_image, resolve_decoder
+from extract.encoders.base import Encoder, PatchImageEncoder
 
 
 @dataclass
@@ -27,8 +31,8 @@ class ExtractSummary:
 class _RawItems(Dataset):
     """Raw inputs for the encoder; read errors are returned, not raised, so the main process reports them."""
 
-    def __init__(self, encoder: Encoder, data_dir: Path, guids: list[str]):
-        self.encoder, self.data_dir, self.guids = encoder, data_dir, guids
+    def __init__(self, read: Callable[[Path, str], Any], data_dir: Path, guids: list[str]):
+        self.read, self.data_dir, self.guids = read, data_dir, guids
 
     def __len__(self) -> int:
         return len(self.guids)
@@ -36,7 +40,7 @@ class _RawItems(Dataset):
     def __getitem__(self, index: int):
         guid = self.guids[index]
         try:
-            return guid, self.encoder.read(self.data_dir, guid)
+            return guid, self.read(self.data_dir, guid)
         except BadImageError as error:
             return guid, error
 
@@ -69,12 +73,25 @@ def extract_features(
     skip_bad: bool = False,
     num_workers: int | None = None,
     progress: bool = True,
+    decode: str = "auto",
 ) -> ExtractSummary:
-    """Encode the guids missing from the cache and append them; resumable by construction."""
+    """Encode the guids missing from the cache and append them; resumable by construction.
+
+    ``decode`` picks how an image encoder's JPEGs become pixels (extract/decode.py): ``pil`` in the
+    DataLoader workers (the reference), ``tensor`` batched on ``device`` after the workers read the
+    bytes, ``auto`` = tensor on CUDA, where worker decoding is the bottleneck, PIL otherwise. Text
+    encoders read no pixels and ignore it. The decoder is not part of the cache's identity: like GPU
+    against CPU arithmetic, it moves features by small amounts (measured by tests/test_decode.py on
+    the CPU, by benchmarks/gpu.py on CUDA).
+    """
     data_dir = Path(data_dir)
+    decoder = resolve_decoder(decode, device)
     guids = data_guids(data_dir) if guids is None else guids
     path = cache_path(cache_root, data_dir, encoder.kind, encoder.name)
     encoder = encoder.to(device).eval()
+    tensor_decode = decoder == "tensor" and isinstance(encoder, PatchImageEncoder)
+    square = {"image_size": encoder.image_size, "mean": encoder.mean, "std": encoder.std} if tensor_decode else {}
+    read = partial(read_raw_image, **square) if tensor_decode else encoder.read
     skipped: list[str] = []
     encoded = 0
     with FeatureCache(path, encoder.describe(), data_dir) as cache:
@@ -82,13 +99,16 @@ def extract_features(
         todo = [g for g in guids if g not in done]
         workers = default_workers() if num_workers is None else num_workers
         loader = DataLoader(
-            _RawItems(encoder, data_dir, todo), batch_size=batch_size, collate_fn=_as_list,
+            _RawItems(read, data_dir, todo), batch_size=batch_size, collate_fn=_as_list,
             num_workers=workers if len(todo) > batch_size else 0,
             pin_memory=torch.device(device).type == "cuda",
         )
         bar = tqdm(total=len(todo), unit="pair", desc=f"{encoder.kind}:{encoder.name}", disable=not progress)
         with bar, torch.inference_mode():
             for batch in loader:
+                if tensor_decode:  # JPEG bytes → (3, S, S) pixels on the device, or the file's BadImageError
+                    pixels = decode_images([item for _, item in batch], **square, device=device)
+                    batch = [(guid, item) for (guid, _), item in zip(batch, pixels)]
                 good = [(g, item) for g, item in batch if not isinstance(item, BadImageError)]
                 bad = [(g, item) for g, item in batch if isinstance(item, BadImageError)]
                 if bad and not skip_bad:

@@ -107,12 +107,10 @@ class PatchImageEncoder(ImageEncoder):
         return self.pixels(load_image(image_path(data_dir, guid), guid))
 
     def pixels(self, image: Any) -> torch.Tensor:
-        """PIL RGB image → normalised tensor (3, S, S)."""
-        from torchvision.transforms.functional import normalize, pil_to_tensor, resize
+        """PIL RGB image → normalised tensor (3, S, S); extraction's tensor path matches it (extract/decode.py)."""
+        from extract.decode import pil_pixels
 
-        image = resize(image, [self.image_size, self.image_size], antialias=True)
-        pixels = pil_to_tensor(image).float().div_(255.0)  # (3, S, S) in [0, 1]
-        return normalize(pixels, list(self.mean), list(self.std))
+        return pil_pixels(image, image_size=self.image_size, mean=self.mean, std=self.std)
 
     def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"pixels": torch.stack(items)}  # (B, 3, S, S)
