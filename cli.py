@@ -157,6 +157,10 @@ def fit(
         False, "--logit-adjustment", help="Subtract τ·log prior from the logits, τ tuned on validation; predict too."
     ),
     modalities: str = typer.Option("both", help="both | text | image: mask the other modality out (ablation)."),
+    precision: str = typer.Option(
+        "auto", help="auto | fp32 | bf16: bf16 autocast in training; auto = bf16 where the CPU has bf16 matrix units "
+        "(AMX, AVX512-BF16), else fp32.",
+    ),
     aux_data: Path | None = typer.Option(
         None, help="Text-only folder (texts.csv, e.g. ../shared/data/mvsa-multiple-text, extracted first) whose "
         "labelled texts join the training rows without images; never used for validation.",
@@ -185,7 +189,7 @@ def fit(
         head=head, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
         balanced_sampling=balanced_sampling, logit_adjustment=logit_adjustment, modalities=modalities,
-        aux_data=str(aux_data or ""), aux_per_epoch=aux_per_epoch,
+        aux_data=str(aux_data or ""), aux_per_epoch=aux_per_epoch, precision=precision,
     ).validate()
     head_options = {
         key: value

@@ -11,6 +11,7 @@ from typing import Any
 
 from fusion.layers import NORMS, POSITIONS
 from fusion.pooling import POOLINGS
+from fusion.precision import HEAD_PRECISIONS
 
 LOSSES = ("ce", "focal")
 MODALITIES = ("both", "text", "image")  # what the head sees; the other modality's mask is all False
@@ -69,12 +70,15 @@ class FitConfig:
     aux_per_epoch: float = 1.0  # auxiliary texts drawn each epoch, as a multiple of the training pairs
     val_fraction: float = 0.1  # stratified share of train.txt held out for validation
     seed: int = 0  # seeds the split, the initialisation and the batch order
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast in training; auto = bf16 where the CPU has bf16 units
 
     def validate(self) -> FitConfig:
         from fusion.registry import head_names
 
         if self.head not in head_names():
             raise ValueError(f"unknown head {self.head!r}; choose one of {head_names()}")
+        if self.precision not in HEAD_PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {list(HEAD_PRECISIONS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not one of {list(LOSSES)}")
         if self.modalities not in MODALITIES:

@@ -29,7 +29,8 @@ from extract.run import default_workers
 from fusion.config import HeadConfig, from_dict
 from fusion.losses import classification_loss, inverse_frequency_weights
 from fusion.metrics import evaluate, format_report
-from fusion.pair_model import PairModel, RawPairs, autocast, build_encoders, move_batch, predict_raw, save_pair_model
+from fusion.pair_model import PairModel, RawPairs, build_encoders, move_batch, predict_raw, save_pair_model
+from fusion.precision import autocast
 from fusion.registry import create_head
 from fusion.run import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, labelled_rows, prepare_run_dir, read_config, write_json
 from fusion.split import stratified_split

@@ -15,6 +15,7 @@ from torch import nn
 from extract.encoders.base import ImageEncoder, TextEncoder
 from fusion.features import stream_descriptions
 from fusion.layers import normalise_features
+from fusion.precision import autocast
 
 
 class PairModel(nn.Module):
@@ -94,14 +95,6 @@ class RawPairs(torch.utils.data.Dataset):
         texts, pixels, labels = zip(*items)
         text_inputs = self.text_encoder.collate(list(texts))
         return (text_inputs, torch.stack(pixels)), torch.tensor(labels)  # pixels (B, 3, S, S)
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision context: bf16/fp16 autocast on CUDA (bf16 also on CPU), a no-op for fp32."""
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.inference_mode()

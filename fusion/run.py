@@ -265,7 +265,7 @@ def fit_rows(
     torch.save(trainer.model_.state_dict(), out / WEIGHTS_FILE)
     write_json(out / METRICS_FILE, {
         "validation": validation, "best_epoch": trainer.best_epoch_,
-        "fit_seconds": trainer.fit_seconds_, "history": trainer.history_,
+        "fit_seconds": trainer.fit_seconds_, "precision": trainer.precision_, "history": trainer.history_,
         "train_size": len(train_rows), "val_size": len(val_rows), "parameters": result.parameters,
     } | ({ADJUSTMENT_KEY: dataclasses.asdict(adjustment), "validation_unadjusted": trainer.val_metrics_}
          if fit_config.logit_adjustment else {}))

@@ -14,6 +14,7 @@ from fusion.config import FitConfig, HeadConfig
 from fusion.features import JoinedFeatures, PairFeatures
 from fusion.losses import classification_loss, inverse_frequency_weights
 from fusion.metrics import evaluate
+from fusion.precision import autocast, resolve_head_precision
 from fusion.registry import create_head
 from fusion.sampling import epoch_order, with_auxiliary
 
@@ -22,7 +23,8 @@ class HeadTrainer:
     """Trains one head on cached features, keeping the epoch with the best validation macro-F1.
 
     Follows scikit-learn's contract: ``__init__`` stores, ``fit`` returns ``self`` and sets
-    the learned state (``model_``, ``best_epoch_``, ``history_``, ``val_metrics_``, ``fit_seconds_``).
+    the learned state (``model_``, ``best_epoch_``, ``history_``, ``val_metrics_``, ``fit_seconds_``, and
+    ``precision_``, the training precision ``auto`` resolved to). Validation and prediction run in fp32.
     """
 
     def __init__(self, fit_config: FitConfig, head_config: HeadConfig):
@@ -44,6 +46,7 @@ class HeadTrainer:
         started = time.perf_counter()
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
+        self.precision_ = resolve_head_precision(config.precision)
         model = create_head(config.head, self.head_config)
         optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr, fused=True)
         class_weights = (
@@ -68,7 +71,8 @@ class HeadTrainer:
                 rows = order[start : start + config.batch_size]
                 if aux is not None:
                     rows = rows.sort().values  # pairs first, auxiliary texts after: no reordering of the batch
-                logits = model(*rows_of.batch(rows, model.modalities))  # (B, C)
+                with autocast(torch.device("cpu"), self.precision_):
+                    logits = model(*rows_of.batch(rows, model.modalities)).float()  # (B, C)
                 loss = classification_loss(
                     logits, targets[rows], kind=config.loss, class_weights=class_weights,
                     label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma,
