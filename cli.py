@@ -178,6 +178,11 @@ def fit(
         1, "--folds", min=1, help="K > 1: K-fold cross-validation, a run per fold in OUT/fold-k; predict --run OUT "
         "then averages the K heads (a fold ensemble). 1: one stratified split of --val-fraction.",
     ),
+    decision: str = typer.Option(
+        "mean", "--decision", help="With --folds K: the rule predict applies to the K heads by default, mean | "
+        "geometric | temperature | prior | bias (bias fits K·2 more heads); all but bias are stored in "
+        "OUT/decision.json anyway.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run (or folds) already in the folder."),
 ) -> None:
     """Stage two: train a fusion head on the cached features and report validation metrics."""
@@ -200,8 +205,12 @@ def fit(
         if value is not None
     }
     encoders = {"text_encoder": text_encoder, "image_encoder": image_encoder}
+    if folds == 1 and decision != "mean":
+        raise typer.BadParameter("a decision rule combines the heads of --folds K (K ≥ 2)", param_hint="--decision")
     if folds > 1:
-        results = fit_folds(data, cache, out, fit_config, head_options, folds=folds, overwrite=overwrite, **encoders)
+        results = fit_folds(
+            data, cache, out, fit_config, head_options, folds=folds, decision=decision, overwrite=overwrite, **encoders
+        )
         shown = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("neutral recall", "neutral_recall"))
         for fold, result in enumerate(results):
             typer.echo(
@@ -238,25 +247,33 @@ def predict(
     out: Path | None = typer.Option(None, "--out", help="Submission CSV to write (guid,tag for every test row)."),
     text: str | None = typer.Option(None, "--text", help="Text of one new post (with --image)."),
     image: Path | None = typer.Option(None, "--image", help="Image of one new post (with --text)."),
+    decision: str | None = typer.Option(
+        None, "--decision", help="How the runs' probabilities become one label: mean | geometric | temperature | "
+        "bias | prior (default: the rule a K-fold folder's decision.json names, else mean, the plain average).",
+    ),
 ) -> None:
     """Write the submission for test_without_label.txt, or label one new post (--text and --image)."""
     import numpy as np
 
     from extract.dataset import LABELS
-    from fusion.predict import predict_post, predict_submission
+    from fusion.decision import RULES
+    from fusion.predict import ensemble_decision, predict_post, predict_submission
 
     if (text is None) != (image is None):
         raise typer.BadParameter("give both --text and --image for a single post", param_hint="--text/--image")
+    if decision is not None and decision not in RULES:
+        raise typer.BadParameter(f"{decision!r} is not one of {sorted(RULES)}", param_hint="--decision")
+    rule = ensemble_decision(run, decision, data)
     if text is not None:
-        probabilities = predict_post(run, text, image)
+        probabilities = predict_post(run, text, image, rule)
         label = max(probabilities, key=probabilities.get)
         typer.echo(f"{label}  " + "  ".join(f"{k}={v:.3f}" for k, v in probabilities.items()))
         return
     if out is None:
         raise typer.BadParameter("give --out FILE for the submission, or --text and --image for one post")
-    probabilities = predict_submission(run, data, cache, out)
+    probabilities = predict_submission(run, data, cache, out, rule)
     counts = np.bincount(probabilities.argmax(1), minlength=len(LABELS))
-    typer.echo(f"wrote {len(probabilities)} predictions to {out}: " + ", ".join(
+    typer.echo(f"wrote {len(probabilities)} predictions to {out} (decision rule {rule.name}): " + ", ".join(
         f"{label} {count}" for label, count in zip(LABELS, counts)
     ))
 

@@ -2,8 +2,10 @@
 
 A ``fit`` run's head reads the cached features; a ``finetune`` run trained its encoders
 too, so its whole model (encoders and head, from ``model.pt``) runs on the raw pairs.
-Several runs (or a K-fold sweep trial's folder, which holds ``fold-*`` runs) predict as
-an ensemble: the average of their class probabilities.
+Several runs (or a K-fold folder, which holds ``fold-*`` runs) predict as an ensemble: a
+decision rule (``fusion/decision.py``) turns their class probabilities into one prediction —
+the plain average unless ``--decision`` names another or the K-fold folder's ``decision.json``
+stores another as its default.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from extract.device import resolve_device
 from extract.ocr import ocr_path, read_ocr
 from extract.registry import create_encoder
 from fusion.config import HeadConfig, from_dict
+from fusion.decision import DEFAULT_RULE, RULES, DecisionRule, PriorRule, create_rule, read_decision
 from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, stream_descriptions
 from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
 from fusion.registry import create_head
-from fusion.run import CONFIG_FILE, WEIGHTS_FILE, load_head, predict_run, read_config
+from fusion.run import CONFIG_FILE, WEIGHTS_FILE, labelled_rows, load_head, predict_run, read_config
 
 
 def write_submission(path: Path, guids: list[str], predictions: np.ndarray) -> None:
@@ -90,13 +93,46 @@ def run_probabilities(
     return predict_run(run_dir, model, config, features)  # (N, C)
 
 
-def predict_submission(runs: list[Path], data_dir: Path, cache_root: Path, out: Path) -> np.ndarray:
-    """Label every row of ``test_without_label.txt`` with the runs' mean probabilities; returns them (N, C)."""
-    guids = [row.guid for row in read_split(data_dir, "test")]
-    loaded: LoadedFeatures = {}
-    probabilities = np.mean(
-        [run_probabilities(run, data_dir, cache_root, guids, loaded) for run in expand_runs(runs)], axis=0
+def ensemble_decision(runs: list[Path], decision: str | None = None, data_dir: Path | None = None) -> DecisionRule:
+    """The rule that turns the runs' probabilities into one prediction.
+
+    One K-fold folder with ``decision.json`` (``fit --folds K``): its default rule, or its stored rule named
+    ``decision``. Any other ``--run`` list (single runs, several folders whose rules were fitted on other
+    heads, folders fitted before decision rules existed): the plain mean, or the named rule when it needs
+    no fitting (``geometric``) or only the training labels (``prior``: the shares of ``data_dir``'s train.txt).
+    """
+    if decision is not None and decision not in RULES:
+        raise ValueError(f"unknown decision rule {decision!r}; choose one of {sorted(RULES)}")
+    stored = read_decision(runs[0]) if len(runs) == 1 else None
+    if stored is not None:
+        default, rules = stored
+        if (decision or default) in rules:
+            return rules[decision or default]
+    name = decision or DEFAULT_RULE
+    if name in ("mean", "geometric"):
+        return create_rule(name)
+    if name == "prior" and data_dir is not None:
+        return PriorRule().fit(None, labelled_rows(data_dir)[1], len(LABELS))
+    refit = "fit --folds K --decision bias" if name == "bias" else "fit --folds K"
+    where = str(runs[0]) if len(runs) == 1 else f"{len(runs)} --run folders (rules are read from one K-fold folder)"
+    raise ValueError(
+        f"decision rule {name!r} is fitted by `{refit}` and stored in the folder's decision.json; none for {where}: "
+        "refit, or choose mean, geometric or prior"
     )
+
+
+def predict_submission(
+    runs: list[Path], data_dir: Path, cache_root: Path, out: Path, rule: DecisionRule | None = None
+) -> np.ndarray:
+    """Label every row of ``test_without_label.txt`` by the runs' probabilities and ``rule``; returns (N, C).
+
+    ``rule`` defaults to ``ensemble_decision(runs)``: the plain mean unless a K-fold folder stores another.
+    """
+    guids = [row.guid for row in read_split(data_dir, "test")]
+    rule = rule if rule is not None else ensemble_decision(runs, None, data_dir)
+    loaded: LoadedFeatures = {}
+    members = [run_probabilities(run, data_dir, cache_root, guids, loaded) for run in expand_runs(runs)]  # M × (N, C)
+    probabilities = rule.apply(np.asarray(members))  # (N, C)
     write_submission(out, guids, probabilities.argmax(1))
     return probabilities
 
@@ -133,7 +169,12 @@ def _post_probabilities(run_dir: Path, text: str, image: Path) -> dict[str, floa
     return {label: float(p) for label, p in zip(LABELS, probabilities)}
 
 
-def predict_post(runs: list[Path], text: str, image: Path) -> dict[str, float]:
-    """Class probabilities of one post, averaged over the runs; the encoders run here, no cache needed."""
+def predict_post(runs: list[Path], text: str, image: Path, rule: DecisionRule | None = None) -> dict[str, float]:
+    """Class probabilities of one post from the runs and ``rule`` (default: ``ensemble_decision(runs)``).
+
+    The encoders run here, no cache needed. One row carries no class shares: the ``prior`` rule gives the mean.
+    """
+    rule = rule if rule is not None else ensemble_decision(runs)
     each = [_post_probabilities(run, text, image) for run in expand_runs(runs)]
-    return {label: float(np.mean([p[label] for p in each])) for label in LABELS}
+    members = np.array([[[p[label] for label in LABELS]] for p in each])  # (M, 1, C)
+    return {label: float(p) for label, p in zip(LABELS, rule.apply(members)[0])}

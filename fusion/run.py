@@ -194,26 +194,70 @@ def fit_folds(
     image_encoder: str,
     overwrite: bool = False,
     progress: bool = True,
+    decision: str | None = None,
+    bias_members: int = 2,
 ) -> list[RunResult]:
-    """K-fold cross-validation of train.txt: a run per fold in ``out/fold-k``, and ``out/cv.json``.
+    """K-fold cross-validation of train.txt: a run per fold in ``out/fold-k``, ``out/cv.json``, ``out/decision.json``.
 
-    Each fold's head is selected on its own validation fold; ``predict --run out`` averages the K
-    heads' probabilities (a fold ensemble), so every labelled pair trains K − 1 of them.
+    Each fold's head is selected on its own validation fold; ``predict --run out`` combines the K heads'
+    probabilities (a fold ensemble, so every labelled pair trains K − 1 of them) by the rule ``decision``
+    (``fusion/decision.py``; default ``mean``, the plain average). ``decision.json`` stores the rules fitted
+    here: ``mean``, ``geometric``, ``temperature`` (τ from the folds' out-of-fold probabilities) and ``prior``
+    (the labels' class shares); ``bias`` only when it is ``decision``, since it fits ``K · bias_members``
+    more heads (``nested_ensemble_probabilities``).
     """
+    from fusion.decision import (
+        DEFAULT_RULE,
+        BiasRule,
+        GeometricRule,
+        MeanRule,
+        PriorRule,
+        TemperatureRule,
+        create_rule,
+        nested_ensemble_probabilities,
+        write_decision,
+    )
+
     fit_config.validate()
+    decision = create_rule(decision or DEFAULT_RULE).name  # an unknown name fails before any fit
+    if decision == "bias" and fit_config.logit_adjustment:
+        raise ValueError("decision rule 'bias' fits its own class offsets: do not combine it with logit_adjustment")
     labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
     out = prepare_run_dir(out, overwrite)
+    splits = stratified_folds(labelled.labels, folds, fit_config.seed)
     results = [
         fit_rows(
             labelled, out / f"fold-{fold}", fit_config, head_options, train_rows, val_rows,
             split={"folds": folds, "fold": fold, "seed": fit_config.seed}, progress=progress, plots=fold == 0,
         )
-        for fold, (train_rows, val_rows) in enumerate(stratified_folds(labelled.labels, folds, fit_config.seed))
+        for fold, (train_rows, val_rows) in enumerate(splits)
     ]
     reports = [result.validation for result in results]
     write_json(out / CV_FILE, {
         "folds": folds, "seed": fit_config.seed, "summary": cv_summary(reports), "validation": reports,
     })
+    labels = labelled.labels
+    out_of_fold = np.zeros((len(labels), len(LABELS)))  # (N, C): each row by the one head that never trained on it
+    for result, (_, val_rows) in zip(results, splits):
+        out_of_fold[val_rows] = result.adjustment.apply(result.val_probabilities)
+    rules = {
+        "mean": MeanRule(), "geometric": GeometricRule(), "temperature": TemperatureRule().fit(out_of_fold, labels),
+        "prior": PriorRule().fit(None, labels, len(LABELS)),
+    }
+    if decision == "bias":
+        head_config = labelled.head_config(head_options)
+        features, aux = labelled.head_inputs(fit_config, head_config)
+
+        def fit_predict(train_rows: np.ndarray, val_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            trainer = HeadTrainer(fit_config, head_config).fit(
+                features.subset(train_rows), labels[train_rows], features.subset(val_rows), labels[val_rows],
+                aux=aux, progress=False,
+            )
+            return predict_proba(trainer.model_, features.subset(rows))  # (N_rows, C)
+
+        nested = nested_ensemble_probabilities(labels, splits, fit_predict, bias_members, fit_config.seed)
+        rules["bias"] = BiasRule().fit(nested, labels)
+    write_decision(out, rules, decision)
     return results
 
 
