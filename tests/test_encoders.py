@@ -349,3 +349,33 @@ def test_tiny_image_encoder_name_is_registered_for_the_test(tiny_image_encoder_n
     built = create_image_encoder(tiny_image_encoder_name)
     assert built is not tiny_image_encoder
     assert built.describe() == tiny_image_encoder.describe()  # same seeded weights: caches are shared
+
+
+def _randomise_batch_norms(encoder) -> None:
+    """Running statistics and affine terms away from the identity, so that folding them is really tested."""
+    generator = torch.Generator().manual_seed(5)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "tiny"])
+def test_inference_copy_gives_the_same_features_and_leaves_the_encoder_alone(name, tiny_image_encoder):
+    """Extraction runs ``for_inference()``: folded batch norms and channels-last, the same features."""
+    encoder = create_image_encoder(name, pretrained=False) if name != "tiny" else tiny_image_encoder
+    _randomise_batch_norms(encoder)
+    encoder.eval()
+    described = encoder.describe()
+    fast = encoder.for_inference()
+    pixels = torch.randn(3, 3, encoder.image_size, encoder.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        (features, mask), (fast_features, fast_mask) = encoder(pixels), fast(pixels)
+    assert torch.equal(mask, fast_mask)
+    torch.testing.assert_close(fast_features, features, atol=2e-4, rtol=1e-3)
+    assert encoder.describe() == described  # the original's weights, and so the cache's fingerprint, untouched
+    folded = name == "efficientnet-lite0"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) != folded

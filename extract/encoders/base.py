@@ -9,6 +9,7 @@ so that extraction, finetuning and single-post prediction share one code path.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ class Encoder(nn.Module):
             "preprocessing": self.preprocessing(),
             "options": self.options,
         }
+
+    def for_inference(self) -> Encoder:
+        """An encoder that computes the same features faster, for extraction (self where there is nothing to gain).
+
+        Its weights may be rearranged (batch norms folded into convolutions), so ``describe()``, the
+        fingerprint that caches are checked against, is always taken on the original encoder.
+        """
+        return self
 
     def encode(self, items: list[Any], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Collate raw items, move them to ``device`` and run the encoder."""
@@ -118,7 +127,29 @@ class PatchImageEncoder(ImageEncoder):
     def blocks(self) -> list[nn.Module]:
         return list(self.backbone.children())
 
+    channels_last = False  # feed the backbone NHWC pixels (``for_inference``): faster convolutions on CPU
+
+    def fold_batch_norms(self) -> None:
+        """Fold each batch norm of the backbone into the convolution before it, in place (eval only).
+
+        Families whose convolution–norm pairs are known override this; by default nothing is folded.
+        """
+
+    def for_inference(self) -> PatchImageEncoder:
+        """A frozen copy for extraction: batch norms folded, channels-last layout (~1.7× faster on CPU).
+
+        The same arithmetic reordered: features move by about 1e-4 (tests/test_encoders.py), below the
+        float16 step of the cache at these magnitudes, like the difference between a CPU and a GPU.
+        """
+        fast = copy.deepcopy(self).eval()
+        fast.fold_batch_norms()
+        fast.backbone.to(memory_format=torch.channels_last)
+        fast.channels_last = True
+        return fast
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         feature_map = self.backbone(pixels)  # (B, C, H, W)
         image_patches = feature_map.flatten(2).transpose(1, 2)  # (B, P=H·W, C)
         mask = torch.ones(image_patches.shape[:2], dtype=torch.bool, device=pixels.device)  # (B, P)

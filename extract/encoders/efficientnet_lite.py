@@ -9,6 +9,7 @@ mean/std; with the wrong scaling the features are much worse.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from extract.encoders.base import PatchImageEncoder
 from extract.encoders.hf_text import EncoderUnavailableError
@@ -47,6 +48,17 @@ class EfficientNetLiteEncoder(PatchImageEncoder):
         self.image_size = EfficientNet.get_image_size(variant)
         self.mean, self.std = TF_MEAN, TF_STD
         self._set_shape()
+
+    def fold_batch_norms(self) -> None:
+        network = self.backbone.network
+        pairs = [(network, "_conv_stem", "_bn0"), (network, "_conv_head", "_bn1")]
+        for block in network._blocks:
+            if block._block_args.expand_ratio != 1:  # blocks without expansion have no _expand_conv
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        for owner, conv, norm in pairs:
+            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, norm)))
+            setattr(owner, norm, torch.nn.Identity())
 
     def blocks(self) -> list[torch.nn.Module]:
         network = self.backbone.network
