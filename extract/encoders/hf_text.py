@@ -166,6 +166,24 @@ class HFTextEncoder(TextEncoder):
             if self.vader else {}
         )
 
+    def tokenize_item(self, item: str | tuple[str, str]) -> dict[str, Any]:
+        """The tokenizer's view of one item (``read``'s or ``post_item``'s output), tokenised as ``collate`` does.
+
+        ``encoding``: the fast tokenizer's output for it, with ``offset_mapping`` (``word_ids()``,
+        ``sequence_ids()``); token i is position i of ``forward``'s features. ``texts``: each sequence's
+        text as tokenised (normalised), which the offsets index. ``image_text``: the sequence holding
+        the image text (1 for a +ocr pair, 0 with ``image_text_only``, None for the tweet alone).
+        """
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"text encoder {self.name!r}: word positions need a fast tokenizer, "
+                             f"got {type(self.tokenizer).__name__}")
+        pair = item if self.segments == 2 else (item, "")
+        texts = [normalize_text(part, self.normalize) for part in pair]
+        texts = texts if texts[1] else texts[:1]  # no image text: the tweet alone, as in collate
+        encoding = self.tokenizer(*texts, truncation=True, max_length=self.max_tokens, return_offsets_mapping=True)
+        image_text = 1 if len(texts) == 2 else 0 if self.image_text_only else None
+        return {"encoding": encoding, "texts": texts, "image_text": image_text}
+
 
 @register_text_encoder("minilm")
 def minilm(**options: Any) -> HFTextEncoder:
