@@ -288,9 +288,13 @@ def finetune(
     from_run: Path | None = typer.Option(
         None, "--from-run", help="Start from a head trained by fit: reuses its head, encoders and validation split."
     ),
-    text_encoder: str = TextEncoderOption,
-    image_encoder: str = ImageEncoderOption,
-    head: str = typer.Option("gated", help="Fusion head when not starting --from-run."),
+    text_encoder: str | None = typer.Option(
+        None, "--text-encoder", help=f"Text encoder when not starting --from-run (default {DEFAULT_TEXT_ENCODER})."
+    ),
+    image_encoder: str | None = typer.Option(
+        None, "--image-encoder", help=f"Image encoder when not starting --from-run (default {DEFAULT_IMAGE_ENCODER})."
+    ),
+    head: str | None = typer.Option(None, help="Fusion head when not starting --from-run (default gated)."),
     unfreeze: str = typer.Option("top-2", help="Encoder blocks to train: all | none | top-K (the last K of each)."),
     epochs: int = typer.Option(3, min=1),
     patience: int = typer.Option(2, min=1, help="Epochs without a better validation macro-F1 before stopping."),
@@ -327,6 +331,15 @@ def finetune(
     torch_device = resolve_device(device)
     if precision == "fp16" and torch_device.type != "cuda":
         raise typer.BadParameter("fp16 needs CUDA; use bf16 or fp32 on the CPU", param_hint="--precision")
+    given = [name for name, value in (("--text-encoder", text_encoder), ("--image-encoder", image_encoder),
+                                      ("--head", head)) if value is not None]
+    if from_run is not None and given:
+        raise typer.BadParameter(
+            f"{', '.join(given)} cannot be combined with --from-run, which reuses the run's encoders and head",
+            param_hint="--from-run",
+        )
+    text_encoder, image_encoder = text_encoder or DEFAULT_TEXT_ENCODER, image_encoder or DEFAULT_IMAGE_ENCODER
+    head = head or "gated"
     started = time.perf_counter()
     metrics = finetune_run(
         data, out, config, device=torch_device, from_run=from_run, text_encoder=text_encoder,

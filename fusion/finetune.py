@@ -158,7 +158,10 @@ def _train_mode(model: PairModel) -> None:
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state, in types that ``torch.load(weights_only=True)`` accepts (tensors, tuples, numbers)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -167,7 +170,8 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -296,7 +300,7 @@ def _train(
     forward = torch.compile(model) if config.compile else model
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0, "history": [], "best_metrics": None}
     if resume:
-        checkpoint = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

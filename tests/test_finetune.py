@@ -374,3 +374,17 @@ def test_augmentation_keeps_the_encoder_image_size(data_dir, data_spec, tmp_path
     metrics = run(data_dir, out, (text, image), augment=True, max_steps_per_epoch=2)
     assert json.loads((out / "config.json").read_text())["finetune"]["augment"] is True
     assert metrics["labels"] == list(LABELS)
+
+
+def test_from_run_refuses_encoders_or_head_given_beside_it(tmp_path):
+    """--from-run reuses the run's encoders and head: naming others beside it would be silently ignored."""
+    from typer.testing import CliRunner
+
+    import cli
+
+    for option in (["--text-encoder", "minilm"], ["--image-encoder", "efficientnet-lite2"], ["--head", "concat"]):
+        result = CliRunner().invoke(cli.app, ["finetune", "--out", str(tmp_path / "ft"), "--from-run",
+                                              str(tmp_path / "run"), *option])
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.output.replace("│", " ").split())  # typer boxes and wraps the usage error
+        assert f"{option[0]} cannot be combined with --from-run" in said
