@@ -80,7 +80,10 @@ def extract(
         "auto", help="How JPEGs become pixels: auto (batched on the GPU when extracting on CUDA, else pil) | pil "
         "(in the data-loading workers) | tensor (torchvision's decoder on the extraction device).",
     ),
-    workers: int | None = typer.Option(None, min=0, help="Data-loading processes (default: half the CPU cores)."),
+    workers: int | None = typer.Option(
+        None, min=0, help="Data-loading processes (default: half the CPU cores; under torchrun, per process: half "
+        "its share of the machine's cores)."
+    ),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images as skipped instead of stopping."),
     only: str | None = typer.Option(None, help="Extract only 'text' or 'image'."),
 ) -> None:
@@ -90,14 +93,19 @@ def extract(
     (rapidocr, ~0.4 s per image, cached in cache/<data>/ocr-rapidocr.jsonl, resumable) and
     encodes it after the tweet. A text-only folder (texts.csv: guid,text,tag, e.g.
     mvsa-multiple-text) gets its texts encoded, for `fit --aux-data`. Resumable: a rerun
-    encodes only the guids missing from the cache.
+    encodes only the guids missing from the cache. Under torchrun (torchrun --nproc-per-node N
+    cli.py extract …) every process encodes a slice of the pairs on its own GPU or share of the
+    cores, and rank 0 stitches their shard files into the same cache file.
     """
     from extract.dataset import is_text_only
     from extract.device import resolve_device
+    from extract.distributed import Launch, join, leader_first
     from extract.ocr import extract_ocr
     from extract.registry import create_encoder, stream_names
     from extract.run import data_guids, extract_features
 
+    launch = Launch.from_env()  # None unless a launcher started several processes
+    leader = launch is None or launch.leader  # the one process that prints
     torch_device = resolve_device(device)
     guids = data_guids(data)
     kinds = {"text": (text_encoder, {"max_tokens": max_tokens, "normalize": normalize}), "image": (image_encoder, {})}
@@ -108,8 +116,12 @@ def extract(
     if is_text_only(data):
         if only == "image":
             raise ValueError(f"{data}: a text-only folder (texts.csv) has no images to extract")
-        typer.echo(f"{data}: text-only folder (texts.csv); extracting text only")
+        if leader:
+            typer.echo(f"{data}: text-only folder (texts.csv); extracting text only")
         only = "text"
+    if launch is not None:  # this rank's GPU (cuda:LOCAL_RANK) or share of the cores, in the process group
+        torch_device = join(launch, torch_device)
+    where = torch_device if launch is None else f"{launch.world_size} processes ({torch_device.type})"
     for kind, (names, options) in kinds.items():
         if only not in (None, kind):
             continue
@@ -117,18 +129,21 @@ def extract(
             started = time.perf_counter()
             encoder = create_encoder(kind, name, **options)
             if getattr(encoder, "ocr", False):  # a "+ocr" text encoder: the OCR stage runs (or resumes) first
-                encoder.ocr_texts.update(extract_ocr(data, cache, guids, skip_bad=skip_bad))
-                typer.echo(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
+                with leader_first(launch):  # the OCR file takes one writer: under torchrun, rank 0 reads every image
+                    encoder.ocr_texts.update(extract_ocr(data, cache, guids, skip_bad=skip_bad, progress=leader))
+                if leader:
+                    typer.echo(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
             summary = extract_features(
                 encoder, data, cache, guids=guids, batch_size=batch_size, device=torch_device, skip_bad=skip_bad,
-                num_workers=workers, decode=decode,
+                num_workers=workers, decode=decode, launch=launch,
             )
             seconds = time.perf_counter() - started
-            typer.echo(
-                f"{kind} {name}: {summary.encoded} new of {summary.total} pairs in {seconds:.1f} s on {torch_device} "
-                f"→ {summary.path}"
-                + (f" ({len(summary.skipped)} skipped: {summary.skipped[:5]})" if summary.skipped else "")
-            )
+            if leader:
+                typer.echo(
+                    f"{kind} {name}: {summary.encoded} new of {summary.total} pairs in {seconds:.1f} s on {where} "
+                    f"→ {summary.path}"
+                    + (f" ({len(summary.skipped)} skipped: {summary.skipped[:5]})" if summary.skipped else "")
+                )
 
 
 @app.command()

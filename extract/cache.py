@@ -10,6 +10,12 @@ Attributes: ``schema``, ``kind``, ``encoder``, ``fingerprint``, ``dim``, ``lengt
 ``preprocessing`` (JSON), ``options`` (JSON), ``versions`` (JSON), ``data_dir``. Rows are appended by
 batch and flushed, so an interrupted extraction leaves a valid file holding the
 finished rows, and a rerun encodes only the guids that are missing.
+
+Under torchrun every rank writes its slice of the rows into a shard of the same schema beside the
+cache file (``text-minilm.shard-00-of-02.h5``), and rank 0 then writes the cache file as HDF5 virtual
+datasets over the shards' rows (by relative file name, so the folder can move), with the identity
+attributes and two more: ``shards`` (the number of processes) and ``shard_rows`` (rows taken from each).
+Readers see one file as before; a stitched file takes no appended rows.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -89,6 +96,116 @@ class CachedFeatures:
     description: dict[str, Any]
 
 
+def shard_path(path: Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` writes its rows of the cache file ``path`` under torchrun."""
+    return path.with_name(f"{path.stem}.shard-{rank:02d}-of-{world_size:02d}.h5")
+
+
+def _shard_world_sizes(path: Path) -> dict[int, list[Path]]:
+    """The shards of ``path`` on disk, by the number of processes that wrote them."""
+    pattern = re.compile(rf"{re.escape(path.stem)}\.shard-\d+-of-(\d+)\.h5")
+    found: dict[int, list[Path]] = {}
+    for shard in sorted(path.parent.glob(f"{path.stem}.shard-*.h5")):
+        match = pattern.fullmatch(shard.name)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(shard)
+    return found
+
+
+def _other_world_size(path: Path, found: Path, written_by: int, world_size: int) -> CacheMismatchError:
+    return CacheMismatchError(
+        f"{found}: written by {written_by} processes but {world_size} are running; rerun with {written_by} in all "
+        f"(torchrun --nnodes × --nproc-per-node), or delete {path.name} and {path.stem}.shard-*.h5 to extract again"
+    )
+
+
+def is_cached_unsharded(path: Path, world_size: int, expected: dict[str, Any], guids: list[str]) -> bool:
+    """Before a torchrun extraction writes anything: whether a one-process cache at ``path`` holds every guid.
+
+    Then there is nothing to do and the file stays as it is. Refused: shards or a stitched file of
+    another number of processes (their slices would not match), a cache of another encoder, and a
+    one-process cache that lacks guids (its rows cannot join a stitched file; finish it with one
+    process). A stitched file of this number of processes is resumed: False.
+    """
+    for written_by, shards in _shard_world_sizes(path).items():
+        if written_by != world_size:
+            raise _other_world_size(path, shards[0], written_by, world_size)
+    if not path.exists():
+        return False
+    with h5py.File(path, "r") as handle:
+        check_identity(path, _describe_file(handle), expected)
+        written_by = int(handle.attrs.get("shards", 0))
+        if written_by:
+            if written_by != world_size:
+                raise _other_world_size(path, path, written_by, world_size)
+            return False
+        stored = {g.decode() if isinstance(g, bytes) else g for g in handle["guid"][:]}
+    found = sum(guid in stored for guid in guids)
+    if found < len(guids):
+        raise CacheMismatchError(
+            f"{path}: a one-process cache holding {found} of {len(guids)} guids is in the way; finish it with "
+            f"`python cli.py extract` without torchrun, or delete it to extract across {world_size} processes"
+        )
+    return True
+
+
+def stitch_shards(path: Path, world_size: int) -> None:
+    """Write the cache file ``path`` as virtual datasets over the complete rows of the ``world_size`` shards.
+
+    Rank 0 calls it once every rank has finished its shard. Shard rows follow each other in rank
+    order, so the rows keep the data order of the ranks' contiguous slices.
+    """
+    shards = [shard_path(path, rank, world_size) for rank in range(world_size)]
+    for shard in shards:
+        if not shard.is_file():
+            raise FileNotFoundError(
+                f"{shard}: missing after every rank finished; on several machines --cache must be a folder they share"
+            )
+    rows, sources = [], []
+    for shard in shards:
+        with h5py.File(shard, "r") as handle:
+            attrs = dict(handle.attrs)
+            rows.append(handle["guid"].shape[0])  # the guid column grows last: it counts the complete rows
+            sources.append({
+                name: h5py.VirtualSource(shard.name, name, shape=handle[name].shape, dtype=handle[name].dtype)
+                for name in ("features", "mask", "guid")
+            })
+    layouts = {
+        name: h5py.VirtualLayout(shape=(sum(rows), *source.shape[1:]), dtype=source.dtype)
+        for name, source in sources[0].items()
+    }
+    start = 0
+    for count, shard_sources in zip(rows, sources):
+        if count:
+            for name, source in shard_sources.items():
+                layouts[name][start : start + count] = source[:count]
+        start += count
+    tmp = path.with_suffix(".h5.tmp")
+    with h5py.File(tmp, "w") as handle:
+        for name, layout in layouts.items():
+            handle.create_virtual_dataset(name, layout)
+        handle.attrs.update(attrs)  # the last shard's identity, the same in every shard: each rank checked it
+        handle.attrs["shards"] = world_size
+        handle.attrs["shard_rows"] = rows
+    os.replace(tmp, path)
+
+
+def _check_shards(path: Path, handle: h5py.File) -> None:
+    """A stitched file reads its shards' rows; refuse it when one is gone or changed, which would read as zeros."""
+    world_size = int(handle.attrs.get("shards", 0))
+    if not world_size:
+        return
+    description = _describe_file(handle)
+    for rank, rows in enumerate(handle.attrs["shard_rows"]):
+        shard = shard_path(path, rank, world_size)
+        fix = f"rerun the same extract with {world_size} processes (torchrun), or delete {path.name} to extract again"
+        if not shard.is_file():
+            raise CacheMismatchError(f"{path}: its shard {shard.name} is missing; {fix}")
+        with h5py.File(shard, "r") as shard_handle:
+            if shard_handle["guid"].shape[0] < rows or _describe_file(shard_handle) != description:
+                raise CacheMismatchError(f"{path}: its shard {shard.name} changed since it was stitched; {fix}")
+
+
 class FeatureCache:
     """Append-only writer for one cache file; use as a context manager."""
 
@@ -106,6 +223,7 @@ class FeatureCache:
         except OSError as error:
             raise CacheMismatchError(f"{self.path}: not a readable HDF5 cache ({error}); delete it") from error
         check_identity(self.path, _describe_file(self.handle), self.description)
+        _check_shards(self.path, self.handle)
         _warn_on_versions(self.path, self.handle)
         return self
 
@@ -136,6 +254,19 @@ class FeatureCache:
 
     def guids(self) -> set[str]:
         return {g.decode() if isinstance(g, bytes) else g for g in self.handle["guid"][:]}
+
+    def missing(self, guids: list[str]) -> list[str]:
+        """The guids without a row yet, in their order; a stitched file (torchrun) refuses to take any."""
+        done = self.guids()
+        todo = [g for g in guids if g not in done]
+        written_by = int(self.handle.attrs.get("shards", 0))
+        if todo and written_by:
+            # Shards hold contiguous slices of the guids they were given: new guids would shift every slice.
+            raise CacheMismatchError(
+                f"{self.path}: stitched from the shards of {written_by} processes, which lack {len(todo)} of the guids "
+                f"(e.g. {todo[:3]}); delete it and {self.path.stem}.shard-*.h5 to extract again"
+            )
+        return todo
 
     def append(self, guids: list[str], features: np.ndarray, mask: np.ndarray) -> None:
         """Write one batch; ``features`` (B, L', D) with L' ≤ L is zero-padded to L."""
@@ -180,6 +311,7 @@ def load_features(path: Path, guids: list[str], expected: dict[str, Any] | None 
         description = _describe_file(handle)
         if expected is not None:
             check_identity(path, description, expected)
+        _check_shards(path, handle)
         # Only complete rows count: the guid column grows last, so it bounds the others.
         stored = [g.decode() if isinstance(g, bytes) else g for g in handle["guid"][:]]
         row_of = {guid: row for row, guid in enumerate(stored)}

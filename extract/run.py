@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from extract.cache import FeatureCache, cache_path
+from extract.cache import CacheMismatchError, FeatureCache, cache_path, is_cached_unsharded, shard_path, stitch_shards
 from extract.dataset import BadImageError, read_split
 from extract.decode import decode_images, read_raw_image, resolve_decoder
+from extract.distributed import Launch, all_gather, barrier
 from extract.encoders.base import Encoder, PatchImageEncoder
 
 
@@ -58,8 +59,9 @@ def data_guids(data_dir: Path, splits: tuple[str, ...] = ("train", "test")) -> l
     return list(guids)
 
 
-def default_workers() -> int:
-    return min(8, (os.cpu_count() or 2) // 2)
+def default_workers(cores: int | None = None) -> int:
+    """Half the cores (a torchrun rank: half its share), at most 8."""
+    return min(8, (cores or os.cpu_count() or 2) // 2)
 
 
 def extract_features(
@@ -74,6 +76,7 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = True,
     decode: str = "auto",
+    launch: Launch | None = None,
 ) -> ExtractSummary:
     """Encode the guids missing from the cache and append them; resumable by construction.
 
@@ -83,45 +86,88 @@ def extract_features(
     encoders read no pixels and ignore it. The decoder is not part of the cache's identity: like GPU
     against CPU arithmetic, it moves features by small amounts (measured by tests/test_decode.py on
     the CPU, by benchmarks/gpu.py on CUDA).
+
+    ``launch`` (a torchrun rank, extract/distributed.py, process group joined): this rank encodes its
+    contiguous slice of ``guids`` into its own shard file, resuming it, and rank 0 stitches the shards
+    into the cache file once every rank is done (extract/cache.py). Every rank returns the summary of
+    all ranks; ``num_workers`` then defaults to half the rank's share of the cores.
     """
     data_dir = Path(data_dir)
-    decoder = resolve_decoder(decode, device)
     guids = data_guids(data_dir) if guids is None else guids
     path = cache_path(cache_root, data_dir, encoder.kind, encoder.name)
     encoder = encoder.to(device).eval()
+    loop = {
+        "data_dir": data_dir, "batch_size": batch_size, "device": device, "skip_bad": skip_bad,
+        "num_workers": default_workers(launch and launch.cores()) if num_workers is None else num_workers,
+        "decoder": resolve_decoder(decode, device),
+    }
+    if launch is None:
+        with FeatureCache(path, encoder.describe(), data_dir) as cache:
+            encoded, skipped = _encode_missing(encoder, cache, guids, progress=progress, **loop)
+        return ExtractSummary(path, len(guids), encoded, skipped)
+    if is_cached_unsharded(path, launch.world_size, encoder.describe(), guids):
+        return ExtractSummary(path, len(guids), 0, [])
+    share = launch.share(guids)
+    with FeatureCache(shard_path(path, launch.rank, launch.world_size), encoder.describe(), data_dir) as shard:
+        strays = shard.guids() - set(share)
+        if strays:
+            raise CacheMismatchError(
+                f"{shard.path}: holds {len(strays)} guids outside this rank's slice (e.g. {sorted(strays)[:3]}): "
+                f"the label files changed since it was written; delete {path.name} and its shards to extract again"
+            )
+        encoded, skipped = _encode_missing(encoder, shard, share, progress=progress and launch.leader, **loop)
+    ranks = all_gather((encoded, skipped))  # every shard is complete once this returns
+    if launch.leader:
+        stitch_shards(path, launch.world_size)
+    barrier()  # no rank goes on before the cache file is there
+    return ExtractSummary(path, len(guids), sum(count for count, _ in ranks), [g for _, bad in ranks for g in bad])
+
+
+def _encode_missing(
+    encoder: Encoder,
+    cache: FeatureCache,
+    guids: list[str],
+    *,
+    data_dir: Path,
+    batch_size: int,
+    device: torch.device | str,
+    skip_bad: bool,
+    num_workers: int,
+    decoder: str,
+    progress: bool,
+) -> tuple[int, list[str]]:
+    """Encode the ``guids`` the open cache lacks, in their order, appending batch by batch: (rows written, skipped)."""
     tensor_decode = decoder == "tensor" and isinstance(encoder, PatchImageEncoder)
     square = {"image_size": encoder.image_size, "mean": encoder.mean, "std": encoder.std} if tensor_decode else {}
     read = partial(read_raw_image, **square) if tensor_decode else encoder.read
     skipped: list[str] = []
     encoded = 0
-    with FeatureCache(path, encoder.describe(), data_dir) as cache:
-        done = cache.guids()
-        todo = [g for g in guids if g not in done]
-        workers = default_workers() if num_workers is None else num_workers
-        loader = DataLoader(
-            _RawItems(read, data_dir, todo), batch_size=batch_size, collate_fn=_as_list,
-            num_workers=workers if len(todo) > batch_size else 0,
-            pin_memory=torch.device(device).type == "cuda",
-        )
-        bar = tqdm(total=len(todo), unit="pair", desc=f"{encoder.kind}:{encoder.name}", disable=not progress)
-        with bar, torch.inference_mode():
-            for batch in loader:
-                if tensor_decode:  # JPEG bytes → (3, S, S) pixels on the device, or the file's BadImageError
-                    pixels = decode_images([item for _, item in batch], **square, device=device)
-                    batch = [(guid, item) for (guid, _), item in zip(batch, pixels)]
-                good = [(g, item) for g, item in batch if not isinstance(item, BadImageError)]
-                bad = [(g, item) for g, item in batch if isinstance(item, BadImageError)]
-                if bad and not skip_bad:
-                    raise bad[0][1]
-                if good:
-                    features, mask = encoder.encode([item for _, item in good], device)  # (B, L, D), (B, L)
-                    cache.append([g for g, _ in good], features.float().cpu().numpy().astype(np.float16),
-                                 mask.cpu().numpy())
-                if bad:
-                    # A skipped pair keeps a row whose mask is all False, so later stages see "no input".
-                    cache.append([g for g, _ in bad], np.zeros((len(bad), 1, encoder.dim), np.float16),
-                                 np.zeros((len(bad), 1), bool))
-                    skipped.extend(g for g, _ in bad)
-                encoded += len(batch)
-                bar.update(len(batch))
-    return ExtractSummary(path, len(guids), encoded, skipped)
+    todo = cache.missing(guids)
+    fast = encoder.for_inference() if todo else encoder  # same features, faster; the cache was checked on ``encoder``
+    loader = DataLoader(
+        _RawItems(read, data_dir, todo), batch_size=batch_size, collate_fn=_as_list,
+        num_workers=num_workers if len(todo) > batch_size else 0,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    bar = tqdm(total=len(todo), unit="pair", desc=f"{encoder.kind}:{encoder.name}", disable=not progress)
+    with bar, torch.inference_mode():
+        for batch in loader:
+            if tensor_decode:  # JPEG bytes → (3, S, S) pixels on the device, or the file's BadImageError
+                pixels = decode_images([item for _, item in batch], **square, device=device)
+                batch = [(guid, item) for (guid, _), item in zip(batch, pixels)]
+            good = [(g, item) for g, item in batch if not isinstance(item, BadImageError)]
+            bad = [(g, item) for g, item in batch if isinstance(item, BadImageError)]
+            if bad and not skip_bad:
+                raise bad[0][1]
+            if good:
+                features, mask = fast.encode([item for _, item in good], device)  # (B, L, D), (B, L)
+                cache.append([g for g, _ in good], features.float().cpu().numpy().astype(np.float16),
+                             mask.cpu().numpy())
+            if bad:
+                # A skipped pair keeps a row whose mask is all False, so later stages see "no input".
+                cache.append([g for g, _ in bad], np.zeros((len(bad), 1, encoder.dim), np.float16),
+                             np.zeros((len(bad), 1), bool))
+                skipped.extend(g for g, _ in bad)
+            encoded += len(batch)
+            bar.update(len(batch))
+    return encoded, skipped
