@@ -2,12 +2,18 @@
 
     python -m benchmarks.pipeline [--data DIR] [--cache cache] [--extract-pairs 256] [--heads a,b]
                                   [--sweep-grid results/grids/bench-24.yaml] [--jobs 1]
+                                  [--poolings] [--flops] [--main-job]
 
 Extraction is timed on the first ``--extract-pairs`` pairs into a scratch cache (model
 loading excluded, reported apart); cache sizes are those of the full caches under
 ``--cache`` (run ``python cli.py extract`` first); each head is fitted with the default
 options of ``fit`` on the default split; the sweep runs ``--sweep-grid`` on one hold-out
-split, timed from loading the cache to the written leaderboard. Prints a Markdown table per part.
+split, timed from loading the cache to the written leaderboard. ``--poolings`` times the
+design card's headline: a fixed-pooling and an attention-pooling fit, and the 5-fold
+comparison of every fixed text × image pooling (``results/grids/fixed-poolings.yaml``, 80
+fits) from loading the cache; ``--flops`` measures the cross-attention head's training step
+in FLOP/s beside the peak of one large matmul on this machine; ``--main-job`` times
+``python cli.py pipeline`` from an empty cache. Prints a Markdown table per part.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +33,9 @@ from extract.cache import cache_path
 from extract.registry import create_encoder
 from extract.run import data_guids, extract_features
 from fusion.config import FitConfig
-from fusion.registry import head_names
-from fusion.run import fit_run
+from fusion.registry import create_head, head_names
+from fusion.run import fit_rows, fit_run, load_labelled
+from fusion.split import stratified_split
 from fusion.sweep import SweepOptions, build_grids, sweep_from_cache
 
 DEFAULT_ENCODERS = (("text", "minilm"), ("image", "efficientnet-lite0"))
@@ -60,7 +69,9 @@ def bench_extract(data: Path, cache: Path, pairs: int) -> list[dict[str, object]
     return rows
 
 
-def bench_fit(data: Path, cache: Path, heads: list[str]) -> list[dict[str, object]]:
+def bench_fit(
+    data: Path, cache: Path, heads: list[str], text_encoder: str, image_encoder: str
+) -> list[dict[str, object]]:
     # The first optimizer of a process imports torch._dynamo (~1.5 s here), once: a sweep or a CLI run
     # pays it once, so it is paid here before the clock, not charged to the first head timed.
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
@@ -68,8 +79,8 @@ def bench_fit(data: Path, cache: Path, heads: list[str]) -> list[dict[str, objec
     with tempfile.TemporaryDirectory() as scratch:
         for head in heads:
             trainer = fit_run(
-                data, cache, Path(scratch) / head, FitConfig(head=head), {}, text_encoder="minilm",
-                image_encoder="efficientnet-lite0", progress=False,
+                data, cache, Path(scratch) / head, FitConfig(head=head), {}, text_encoder=text_encoder,
+                image_encoder=image_encoder, progress=False,
             )
             metrics = trainer.val_metrics_
             rows.append({
@@ -83,18 +94,127 @@ def bench_fit(data: Path, cache: Path, heads: list[str]) -> list[dict[str, objec
     return rows
 
 
-def bench_sweep(data: Path, cache: Path, grid: Path, jobs: int) -> list[dict[str, object]]:
+def bench_sweep(
+    data: Path, cache: Path, grid: Path, jobs: int, text_encoder: str, image_encoder: str
+) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         trials, rows = sweep_from_cache(
             data, cache, Path(scratch) / "sweep", build_grids(grid, []), SweepOptions(jobs=jobs),
-            text_encoder="minilm", image_encoder="efficientnet-lite0", echo=lambda line: None,
+            text_encoder=text_encoder, image_encoder=image_encoder, echo=lambda line: None,
         )
         seconds = time.perf_counter() - started
     return [{
         "grid": str(grid), "configs": len(trials), "jobs": jobs, "sweep s": f"{seconds:.1f}",
         "s/config": f"{seconds / len(trials):.1f}", "best": rows[0]["config"],
         "best val macro-F1": f"{rows[0]['macro_f1_mean']:.4f}",
+    }]
+
+
+def bench_poolings(data: Path, cache: Path, text_encoder: str, image_encoder: str) -> list[dict[str, object]]:
+    """The card's headline: a head on fixed poolings, one on attention pooling, and the 80-fit pooling comparison."""
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch._dynamo's one-time import, before the clock
+    grid = Path("results/grids/fixed-poolings.yaml")
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        labelled = load_labelled(data, cache, text_encoder=text_encoder, image_encoder=image_encoder)
+        loaded = time.perf_counter() - started
+        train_rows, val_rows = stratified_split(labelled.labels, FitConfig().val_fraction, FitConfig().seed)
+        for name, pools in (("fixed (mean / mean)", "mean"), ("attention (the default)", "attention")):
+            options = {"text_pool": pools, "image_pool": pools}
+            started = time.perf_counter()
+            labelled.head_inputs(FitConfig(), labelled.head_config(options))  # pools once (kept for later fits)
+            pooled = time.perf_counter() - started
+            result = fit_rows(
+                labelled, Path(scratch) / pools, FitConfig(), options, train_rows, val_rows, progress=False
+            )
+            rows.append({
+                "what": f"gated, {name}", "fits": 1, "seconds": f"{result.trainer.fit_seconds_:.2f}",
+                "notes": f"pooling once {pooled:.2f} s; cache load {loaded:.1f} s; {len(result.trainer.history_)} "
+                f"epochs; val macro-F1 {result.validation['macro_f1']:.4f}",
+            })
+        started = time.perf_counter()
+        trials, board = sweep_from_cache(
+            data, cache, Path(scratch) / "sweep", build_grids(grid, []), SweepOptions(folds=5),
+            text_encoder=text_encoder, image_encoder=image_encoder, echo=lambda line: None,
+        )
+        seconds = time.perf_counter() - started
+    best = board[0]
+    rows.append({
+        "what": f"5-fold comparison of {len(trials)} fixed poolings (`{grid}`), from loading the cache",
+        "fits": len(trials) * 5, "seconds": f"{seconds:.1f}",
+        "notes": f"best {best['config']}: macro-F1 {best['macro_f1_mean']:.4f} ± {best['macro_f1_std']:.4f}",
+    })
+    return rows
+
+
+def matmul_peak(size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
+    """FLOP/s of one large square matmul with the current torch threads: this machine's practical ceiling."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: thread pool and kernels
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def bench_flops(
+    data: Path, cache: Path, text_encoder: str, image_encoder: str, steps: int = 20
+) -> list[dict[str, object]]:
+    """Achieved matmul FLOP/s of the cross-attention head's training step vs the peak measured in the same run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    labelled = load_labelled(data, cache, text_encoder=text_encoder, image_encoder=image_encoder)
+    config = FitConfig(head="cross-attention")
+    torch.manual_seed(0)
+    model = create_head(config.head, labelled.head_config({})).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        labelled.features.batch(torch.randperm(len(labelled.labels), generator=generator)[: config.batch_size])
+        for _ in range(steps)
+    ]  # (B, T', D_text), (B, T'), (B, P, D_image), (B, P) each, gathered before the clock
+
+    def step(batch: tuple[torch.Tensor, ...]) -> None:
+        loss = model(*batch).logsumexp(dim=-1).mean()  # any scalar: the same matmuls as cross-entropy
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step(batches[0])
+    flops_per_step = counter.get_total_flops()
+    started = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    seconds = (time.perf_counter() - started) / steps
+    peak_fp32, peak_bf16 = matmul_peak(), matmul_peak(dtype=torch.bfloat16)
+    achieved = flops_per_step / seconds
+    return [{
+        "cross-attention train step (batch 64)": f"{flops_per_step / 1e9:.2f} GFLOP in {seconds * 1e3:.1f} ms",
+        "achieved GFLOP/s": f"{achieved / 1e9:.1f}", "fp32 2048² matmul GFLOP/s": f"{peak_fp32 / 1e9:.1f}",
+        "share of fp32 peak": f"{achieved / peak_fp32:.1%}", "bf16 2048² matmul GFLOP/s": f"{peak_bf16 / 1e9:.1f}",
+        "cpu": f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
+    }]
+
+
+def bench_main_job(data: Path) -> list[dict[str, object]]:
+    """``python cli.py pipeline`` (the README's main job, default encoders and head) from an empty cache."""
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [
+            sys.executable, "cli.py", "pipeline", "--data", str(data), "--cache", f"{scratch}/cache",
+            "--run", f"{scratch}/runs/default", "--out", f"{scratch}/submission.csv",
+        ]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+        summary = json.loads(Path(f"{scratch}/runs/default/cv.json").read_text())["summary"]
+    return [{
+        "command": "python cli.py pipeline (empty cache)", "wall s": f"{seconds:.1f}",
+        "wall min": f"{seconds / 60:.1f}",
+        "5-fold macro-F1": f"{summary['macro_f1_mean']:.4f} ± {summary['macro_f1_std']:.4f}",
+        "5-fold accuracy": f"{summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f}",
     }]
 
 
@@ -107,8 +227,13 @@ def main() -> None:
     parser.add_argument("--sweep-grid", type=Path, default=Path("results/grids/bench-24.yaml"),
                         help="grid of the timed sweep ('' skips)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes of the timed sweep")
+    parser.add_argument("--text-encoder", default="minilm", help="text cache of the fit, pooling and FLOP rows")
+    parser.add_argument("--poolings", action="store_true", help="time fixed vs attention pooling and the 80-fit sweep")
+    parser.add_argument("--flops", action="store_true", help="cross-attention FLOP/s vs this machine's matmul peak")
+    parser.add_argument("--main-job", action="store_true", help="time `python cli.py pipeline` from an empty cache")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    encoders = (args.text_encoder, DEFAULT_ENCODERS[1][1])
 
     results: dict[str, object] = {"torch_threads": torch.get_num_threads(), "defaults": dataclasses.asdict(FitConfig())}
     if args.extract_pairs:
@@ -116,11 +241,20 @@ def main() -> None:
         print(f"## Extraction ({torch.get_num_threads()} torch threads)\n\n{markdown(results['extract'])}\n")
     heads = [h for h in args.heads.split(",") if h]
     if heads:
-        results["fit"] = bench_fit(args.data, args.cache, heads)
+        results["fit"] = bench_fit(args.data, args.cache, heads, *encoders)
         print(f"## Fit on the cache (default options, seed 0, 10 % validation)\n\n{markdown(results['fit'])}\n")
     if str(args.sweep_grid) not in ("", "."):
-        results["sweep"] = bench_sweep(args.data, args.cache, args.sweep_grid, args.jobs)
+        results["sweep"] = bench_sweep(args.data, args.cache, args.sweep_grid, args.jobs, *encoders)
         print(f"## Sweep on the cache (one hold-out split)\n\n{markdown(results['sweep'])}\n")
+    if args.poolings:
+        results["poolings"] = bench_poolings(args.data, args.cache, *encoders)
+        print(f"## Poolings: the card's headline (default split; 5 folds)\n\n{markdown(results['poolings'])}\n")
+    if args.flops:
+        results["flops"] = bench_flops(args.data, args.cache, *encoders)
+        print(f"## Cross-attention training step vs this CPU's matmul peak\n\n{markdown(results['flops'])}\n")
+    if args.main_job:
+        results["main_job"] = bench_main_job(args.data)
+        print(f"## The main job from an empty cache\n\n{markdown(results['main_job'])}\n")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
