@@ -391,17 +391,33 @@ def sweep(
     text_encoder: str = TextEncoderOption,
     image_encoder: str = ImageEncoderOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty sweep folder."),
+    backend: str = typer.Option(
+        "local", "--backend", help="local (this machine: --jobs processes) | ray (each configuration × fold a Ray "
+        "Tune trial on a Ray cluster; same runs and leaderboard)."
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="ray: the cluster to join (auto: the one `ray start` runs on this machine; "
+        "default: that one if there is one, else Ray started here for the sweep)."
+    ),
+    cpus_per_trial: int = typer.Option(1, "--cpus-per-trial", help="ray: CPUs (and torch threads) of each trial."),
+    search: str = typer.Option(
+        "grid", "--search", help="grid (every combination) | random | optuna (ray: --trials samples of the grid "
+        "file's ranges, e.g. lr: {loguniform: [1e-4, 3e-3]}, ASHA-screened on fold 0; the kept ones on every fold)."
+    ),
+    trials: int = typer.Option(20, "--trials", help="random | optuna: configurations to sample."),
 ) -> None:
     """Fit every combination of a grid on the cached features (loaded once) and rank them on validation macro-F1.
 
-    Options not in the grid keep the defaults of fit; --set overrides the grid file's values.
+    Options not in the grid keep the defaults of fit; --set overrides the grid file's values. With --search,
+    several values of an option are a choice, and {uniform|loguniform: [low, high]} or {choice: [...]} ranges.
     """
     from fusion.sweep import SweepOptions, build_grids, markdown_table, sweep_from_cache
 
     if grid is None and not sets:
         raise typer.BadParameter("give a --grid file and/or --set key=v1,v2 options", param_hint="--grid/--set")
     _, rows = sweep_from_cache(
-        data, cache, out, build_grids(grid, sets), SweepOptions(folds, jobs, split_seed),
+        data, cache, out, build_grids(grid, sets),
+        SweepOptions(folds, jobs, split_seed, backend, address, cpus_per_trial, search, trials),
         text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,
     )
     typer.echo(markdown_table(rows, folds))

@@ -17,6 +17,11 @@ which is what ``predict`` applies.
 
 The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``, ``leaderboard.png``,
 ``report.md``, ``sweep.json`` (options, trials, every fit's scores, the leaderboard) and ``runs/``.
+
+Backends differ only in how the (configuration, fold) fits are executed: ``local`` fits them in
+this process or a fork-based pool (``--jobs``); ``ray`` makes each one a Ray Tune trial on a Ray
+cluster (``fusion/sweep_ray.py``, imported only then). Both call ``fit_fold`` and hand back the same
+``FoldResult``s, from which the same code writes the leaderboard and report.
 """
 
 from __future__ import annotations
@@ -51,23 +56,62 @@ FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 HEAD_KEYS = tuple(f.name for f in fields(HeadConfig) if f.name not in CACHE_DERIVED)
 ENCODER_KEYS = ("text_encoder", "image_encoder")  # which caches a trial reads; each distinct pair is loaded once
 FIELD_TYPES: dict[str, type] = get_type_hints(FitConfig) | get_type_hints(HeadConfig)  # int, float, bool or str
+BACKENDS = ("local", "ray")  # how the fits are executed; the results are the same
+SEARCHES = ("grid", "random", "optuna")  # grid: every combination; random/optuna: --trials samples of the ranges
+RANGE_KINDS = ("uniform", "loguniform", "choice")  # a range in a grid file: lr: {loguniform: [1e-4, 3e-3]}
 BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 ABLATION_ROWS = {"text": "text only", "image": "image only", "both": "text + image"}
 
-Grid = dict[str, list[Any]]
+
+@dataclass(frozen=True)
+class Range:
+    """A search range of one option, ``key: {kind: [values]}`` in a grid file, sampled by ``--search``.
+
+    ``uniform`` and ``loguniform`` draw between two bounds (rounded to an int for int options, to 3
+    significant digits for floats, so trials have readable names); ``choice`` picks one of the values.
+    """
+
+    kind: str
+    values: tuple[Any, ...]
+
+
+Grid = dict[str, list[Any]]  # option → its values; in a search, one value may be a Range
 
 
 @dataclass
 class SweepOptions:
     folds: int = 1  # 1 = one stratified hold-out split (val_fraction of each config); K ≥ 2 = stratified K-fold
-    jobs: int = 1  # worker processes fitting in parallel; each gets cpu_count // jobs torch threads
+    jobs: int = 1  # local: worker processes fitting in parallel; each gets cpu_count // jobs torch threads
     split_seed: int = 0  # seeds the split; every configuration is scored on the same rows
+    backend: str = "local"  # local: this process or a fork pool; ray: every (configuration, fold) fit a Tune trial
+    address: str | None = None  # ray: the cluster to join ("auto": the one `ray start` runs); None: that one if any,
+    # else a Ray started here for the sweep
+    cpus_per_trial: int = 1  # ray: CPUs each trial requests, and the torch threads it trains with
+    search: str = "grid"  # random | optuna (ray): sample the grid's ranges, ASHA-stop weak fits, K-fold the rest
+    trials: int = 20  # random | optuna: configurations sampled (split_seed seeds the sampler)
 
     def validate(self) -> SweepOptions:
         if self.folds < 1:
             raise ValueError(f"folds must be at least 1, got {self.folds}")
         if self.jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {self.jobs}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not one of {list(BACKENDS)}")
+        if self.backend != "ray" and (self.address is not None or self.cpus_per_trial != 1):
+            raise ValueError("address and cpus_per_trial are options of the ray backend: add --backend ray")
+        if self.backend == "ray" and self.jobs != 1:
+            raise ValueError("jobs is an option of the local backend; with ray, the cluster's CPUs / cpus_per_trial "
+                             "trials run at once")
+        if self.cpus_per_trial < 1:
+            raise ValueError(f"cpus_per_trial must be at least 1, got {self.cpus_per_trial}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search={self.search!r} is not one of {list(SEARCHES)}")
+        if self.search != "grid" and self.backend != "ray":
+            raise ValueError(f"search={self.search} runs on Ray Tune: add --backend ray")
+        if self.search == "grid" and self.trials != SweepOptions.trials:
+            raise ValueError("trials is an option of --search random|optuna; a grid fits every combination")
+        if self.trials < 1:
+            raise ValueError(f"trials must be at least 1, got {self.trials}")
         return self
 
 
@@ -138,10 +182,28 @@ def parse_grid_file(path: Path) -> list[Grid]:
 
 
 def _as_list(source: Path | str, key: str, values: Any) -> list[Any]:
+    if isinstance(values, dict):
+        return [parse_range(source, key, values)]
     values = values if isinstance(values, list) else [values]
     if not values:
         raise ValueError(f"{source}: option {key!r} has no values")
     return [parse_value(key, value) for value in values]
+
+
+def parse_range(source: Path | str, key: str, spec: dict[str, Any]) -> Range:
+    """``{kind: [values]}`` of a grid file as a ``Range`` of option ``key``, its values typed and checked."""
+    if len(spec) != 1 or next(iter(spec)) not in RANGE_KINDS:
+        raise ValueError(f"{source}: {key}: expected a range {{kind: [values]}} with kind one of {list(RANGE_KINDS)}, "
+                         f"got {spec}")
+    ((kind, values),) = spec.items()
+    values = [parse_value(key, value) for value in (values if isinstance(values, list) else [values])]
+    if kind == "choice" and not values:
+        raise ValueError(f"{source}: {key}: choice has no values")
+    bounds = FIELD_TYPES.get(key) in (int, float) and len(values) == 2
+    if kind != "choice" and not (bounds and values[0] < values[1] and (kind == "uniform" or values[0] > 0)):
+        raise ValueError(f"{source}: {key}: {kind} takes two numeric bounds, low < high"
+                         + (" and low > 0" if kind == "loguniform" else "") + f", got {values}")
+    return Range(kind, tuple(values))
 
 
 def parse_set(option: str) -> tuple[str, list[Any]]:
@@ -167,6 +229,10 @@ def plan_trials(grids: list[Grid], encoders: tuple[str, str] = ("", "")) -> list
     sets that vary across the grid. ``encoders`` are the sweep's (text, image) encoders, the default
     of the grid keys ``text_encoder`` and ``image_encoder``.
     """
+    for grid in grids:
+        for key, values in grid.items():
+            if any(isinstance(value, Range) for value in values):
+                raise ValueError(f"{key} is a search range: sample it with --search random|optuna --backend ray")
     defaults = asdict(FitConfig()) | asdict(HeadConfig()) | dict(zip(ENCODER_KEYS, encoders))
     combos: dict[str, dict[str, Any]] = {}  # resolved options (as JSON) → the first combination giving them
     for grid in grids:
@@ -186,25 +252,64 @@ def plan_trials(grids: list[Grid], encoders: tuple[str, str] = ("", "")) -> list
     return trials
 
 
+def search_space(grids: list[Grid]) -> dict[str, Any]:
+    """What a search samples: each option's ``Range`` (several plain values are a choice) or its one fixed value."""
+    if len(grids) != 1:
+        raise ValueError("a search takes one mapping of options and ranges, not a list of sub-grids")
+    space = {key: Range("choice", tuple(values)) if len(values) > 1 else values[0] for key, values in grids[0].items()}
+    if not any(isinstance(value, Range) for value in space.values()):
+        raise ValueError("nothing to search: give ranges (lr: {loguniform: [1e-4, 3e-3]}) or several values")
+    return space
+
+
+def choice_grid(space: dict[str, Any]) -> Grid:
+    """The categorical part of a search space as a grid: every encoder pair and pooling a sample can ask for."""
+    return {
+        key: list(value.values) if isinstance(value, Range) else [value]
+        for key, value in space.items() if not isinstance(value, Range) or value.kind == "choice"
+    }
+
+
+def sampled_options(config: dict[str, Any]) -> dict[str, Any]:
+    """A sampled configuration as typed options: floats to 3 significant digits, int options rounded."""
+    rounded = {
+        key: float(f"{value:.3g}") if FIELD_TYPES.get(key) is float
+        else round(value) if FIELD_TYPES.get(key) is int and isinstance(value, float) else value
+        for key, value in config.items()
+    }
+    return {key: parse_value(key, value) for key, value in rounded.items()}
+
+
 # ---------------------------------------------------------------- fitting
 
-# What the worker processes share with the parent: set before the pool forks, read-only afterwards,
-# so the cached features are loaded once and never pickled.
-_SHARED: dict[str, Any] = {}
+@dataclass
+class SweepInputs:
+    """What every fit of a sweep reads, read-only once fitting starts: handed to fits without copying it
+    (inherited by forked workers, or one object in Ray's object store)."""
+
+    labelled: dict[tuple[str, str], LabelledFeatures]  # loaded features of each trial's (text, image) encoders
+    out: Path  # the sweep folder
+    options: SweepOptions
 
 
-def _splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> list[tuple[np.ndarray, np.ndarray]]:
+Task = tuple[Trial, int]  # a configuration and the fold to fit it on
+Done = Callable[[int, FoldResult], None]  # called with a task's position in the task list and its result
+Executor = Callable[[SweepInputs, list[Task], Done], None]  # fits every task, calling ``Done`` as each one ends
+
+
+def trial_splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, validation rows) of every fold: the same for every trial, except hold-outs of other sizes."""
     if options.folds == 1:
         return [stratified_split(labels, trial.fit_config.val_fraction, options.split_seed)]
     return stratified_folds(labels, options.folds, options.split_seed)
 
 
-def _fit_fold(task: tuple[Trial, int]) -> FoldResult:
-    trial, fold = task
-    labelled: LabelledFeatures = _SHARED["labelled"][trial.encoders]
-    options: SweepOptions = _SHARED["options"]
-    train_rows, val_rows = _splits(labelled.labels, trial, options)[fold]
-    run = _SHARED["out"] / "runs" / trial.folder
+def fit_fold(inputs: SweepInputs, trial: Trial, fold: int) -> FoldResult:
+    """Fit ``trial`` on fold ``fold`` and write its run folder: the one fit every backend executes."""
+    labelled = inputs.labelled[trial.encoders]
+    options = inputs.options
+    train_rows, val_rows = trial_splits(labelled.labels, trial, options)[fold]
+    run = inputs.out / "runs" / trial.folder
     run = run / f"fold-{fold}" if options.folds > 1 else run
     result = fit_rows(
         labelled, run, trial.fit_config, trial.head_options, train_rows, val_rows,
@@ -216,6 +321,43 @@ def _fit_fold(task: tuple[Trial, int]) -> FoldResult:
     )
 
 
+# The sweep's inputs as the local pool's workers see them: set before the pool forks, read-only afterwards,
+# so the cached features are loaded once and never pickled.
+_SHARED: dict[str, SweepInputs] = {}
+
+
+def _fit_shared(task: Task) -> FoldResult:
+    return fit_fold(_SHARED["inputs"], *task)
+
+
+def fit_locally(inputs: SweepInputs, tasks: list[Task], done: Done) -> None:
+    """The local backend: the tasks in order, in this process or in ``options.jobs`` forked processes."""
+    if inputs.options.jobs == 1:
+        for position, task in enumerate(tasks):
+            done(position, fit_fold(inputs, *task))
+        return
+    threads = max(1, (os.cpu_count() or 1) // inputs.options.jobs)
+    _SHARED["inputs"] = inputs
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_SHARED.clear)
+        pool = ProcessPoolExecutor(
+            inputs.options.jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
+        cleanup.callback(pool.shutdown, cancel_futures=True)
+        for position, result in enumerate(pool.map(_fit_shared, tasks)):
+            done(position, result)
+
+
+def executor(backend: str) -> Executor:
+    """The function that executes a sweep's fits on ``backend``; Ray is imported only when asked for."""
+    if backend == "ray":
+        from fusion.sweep_ray import fit_on_ray
+
+        return fit_on_ray
+    return fit_locally
+
+
 def fit_trials(
     labelled: dict[tuple[str, str], LabelledFeatures],
     out: Path,
@@ -223,32 +365,23 @@ def fit_trials(
     options: SweepOptions,
     echo: Callable[[str], None] = print,
 ) -> list[FoldResult]:
-    """Fit every trial on every fold (in ``options.jobs`` processes); results in (trial, fold) order.
+    """Fit every trial on every fold on ``options.backend``; results in (trial, fold) order.
 
     ``labelled`` holds the loaded features of each trial's (text, image) encoders.
     """
     tasks = [(trial, fold) for trial in trials for fold in range(options.folds)]
-    _SHARED.update(labelled=labelled, options=options, out=Path(out))
-    results = []
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(_SHARED.clear)
-        if options.jobs == 1:
-            outcomes = map(_fit_fold, tasks)
-        else:
-            threads = max(1, (os.cpu_count() or 1) // options.jobs)
-            pool = ProcessPoolExecutor(
-                options.jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
-                initargs=(threads,),
-            )
-            cleanup.callback(pool.shutdown, cancel_futures=True)
-            outcomes = pool.map(_fit_fold, tasks)
-        for done, ((trial, fold), result) in enumerate(zip(tasks, outcomes), start=1):
-            echo(
-                f"[{done}/{len(tasks)}] {trial.name} fold {fold}: macro-F1 {result.validation['macro_f1']:.4f}, "
-                f"neutral recall {metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
-            )
-            results.append(result)
-    return results
+    results: dict[int, FoldResult] = {}
+
+    def done(position: int, result: FoldResult) -> None:
+        trial, fold = tasks[position]
+        results[position] = result
+        echo(
+            f"[{len(results)}/{len(tasks)}] {trial.name} fold {fold}: macro-F1 {result.validation['macro_f1']:.4f}, "
+            f"neutral recall {metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
+        )
+
+    executor(options.backend)(SweepInputs(labelled, Path(out), options), tasks, done)
+    return [results[position] for position in range(len(tasks))]
 
 
 def cross_fitted(results: list[FoldResult], labels: np.ndarray, val_rows: list[np.ndarray],
@@ -284,7 +417,7 @@ def leaderboard(
         reports = [r.validation for r in folds]
         taus = [r.tau for r in folds]
         if trial.fit_config.logit_adjustment and options.folds > 1:
-            splits = _splits(labels, trial, options)
+            splits = trial_splits(labels, trial, options)
             reports = cross_fitted(
                 folds, labels, [val for _, val in splits], [train for train, _ in splits], len(reports[0]["labels"])
             )
@@ -408,12 +541,19 @@ def sweep_from_cache(
 ) -> tuple[list[Trial], list[dict[str, Any]]]:
     """Validate every configuration, create ``out``, load the cached features once, fit and rank them.
 
-    Returns the trials and the leaderboard rows (best first).
+    With ``options.search`` random or optuna, the configurations are first sampled from the grid's ranges
+    and screened on fold 0 (``fusion.sweep_ray.search``); those ASHA keeps are fitted and ranked on every
+    fold like a grid's. Returns the trials and the leaderboard rows (best first).
     """
     options.validate()
-    trials = plan_trials(grids, (text_encoder, image_encoder))
+    space = None if options.search == "grid" else search_space(grids)
+    trials = plan_trials(grids if space is None else [choice_grid(space)], (text_encoder, image_encoder))
     out = prepare_run_dir(out, overwrite)
-    echo(f"{len(trials)} configurations × {options.folds} fold(s); loading the cached features once")
+    echo(
+        (f"{len(trials)} configurations" if space is None else f"{options.search} search of {options.trials} "
+         "configurations, ASHA-screened on fold 0; those it keeps")
+        + f" × {options.folds} fold(s); loading the cached features once"
+    )
     labelled: dict[tuple[str, str], LabelledFeatures] = {}
     loaded: LoadedFeatures = {}  # each modality's features, shared by every pair that reads them
     for trial in trials:  # every cache, auxiliary texts and fixed pooling computed once, before any worker forks
@@ -424,7 +564,15 @@ def sweep_from_cache(
             )
         pairs = labelled[trial.encoders]
         pairs.head_inputs(trial.fit_config, pairs.head_config(trial.head_options))
-    rows = run_sweep(labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo)
+    with contextlib.ExitStack() as session:
+        if space is not None:  # one Ray session for the search and the K-fold fits of the configurations it keeps
+            from fusion.sweep_ray import connected, search
+
+            session.enter_context(connected(options.address))
+            trials = search(SweepInputs(labelled, out, options), space, (text_encoder, image_encoder), echo)
+        rows = run_sweep(
+            labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo
+        )
     return trials, rows
 
 

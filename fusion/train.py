@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,13 @@ class HeadTrainer:
         *,
         aux: tuple[PairFeatures, np.ndarray] | None = None,
         progress: bool = True,
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> HeadTrainer:
-        """Train on ``train`` (plus ``config.aux_per_epoch`` × N rows of ``aux`` each epoch), select on ``val``."""
+        """Train on ``train`` (plus ``config.aux_per_epoch`` × N rows of ``aux`` each epoch), select on ``val``.
+
+        ``on_epoch(epoch, history row)`` is called after each epoch's validation, e.g. so that a search
+        scheduler can stop an unpromising fit early.
+        """
         config = self.fit_config
         started = time.perf_counter()
         torch.manual_seed(config.seed)
@@ -91,6 +97,8 @@ class HeadTrainer:
                 "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"],
             })
             bar.set_postfix(val_f1=f"{metrics['macro_f1']:.3f}", best=f"{max(best_f1, metrics['macro_f1']):.3f}")
+            if on_epoch is not None:
+                on_epoch(epoch, self.history_[-1])
             if metrics["macro_f1"] > best_f1:
                 best_f1, stale = metrics["macro_f1"], 0
                 best_state = copy.deepcopy(model.state_dict())
