@@ -1,16 +1,20 @@
-"""OCR stage: text drawn in a generated image is found, cached, resumed; '+ocr' text encoders read it."""
+"""OCR stage: text drawn in a generated image is found, cached, resumed, read in parallel; '+ocr' encoders read it."""
 
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from extract.dataset import image_path, read_split
-from extract.ocr import clean_ocr_text, extract_ocr, ocr_path, read_ocr
+from extract.dataset import BadImageError, image_path, read_split
+from extract.encoders import hf_text
+from extract.ocr import OCR_SETTINGS, OcrSettings, clean_ocr_text, extract_ocr, ocr_path, read_ocr
 from extract.registry import create_text_encoder
+from extract.run import data_guids
 
 
 def draw_text(path, text: str) -> None:
@@ -30,28 +34,97 @@ class CountingReader:
         return f"text {self.calls}"
 
 
-def test_rapidocr_finds_drawn_text_and_caches_it(data_dir, tmp_path):
+class ImageSizeReader:
+    """A deterministic stand-in for rapidocr that pickles: the image's size and mean colour.
+
+    Images 40 px wide take longer, so that parallel workers finish out of guid order.
+    """
+
+    def __call__(self, image: Image.Image) -> str:
+        time.sleep(0.05 if image.width == 40 else 0.0)
+        return f"{image.width}x{image.height} {np.asarray(image).mean():.3f}"
+
+
+def test_rapidocr_finds_drawn_text_in_worker_processes_and_caches_it(data_dir, tmp_path):
     pytest.importorskip("rapidocr_onnxruntime")
-    guid = read_split(data_dir, "train")[0].guid
-    draw_text(image_path(data_dir, guid), "HAPPY FRIDAY")
-    texts = extract_ocr(data_dir, tmp_path / "cache", [guid], progress=False)
-    assert "HAPPY" in texts[guid].upper() and "FRIDAY" in texts[guid].upper()
-    assert read_ocr(ocr_path(tmp_path / "cache", data_dir)) == texts
+    guids = [row.guid for row in read_split(data_dir, "train")][:2]
+    draw_text(image_path(data_dir, guids[0]), "HAPPY FRIDAY")
+    draw_text(image_path(data_dir, guids[1]), "GOOD NEWS")
+    texts = extract_ocr(data_dir, tmp_path / "cache", guids, progress=False, workers=2)  # OCR_SETTINGS, 1 thread each
+    assert "HAPPY" in texts[guids[0]].upper() and "FRIDAY" in texts[guids[0]].upper()
+    assert "GOOD" in texts[guids[1]].upper() and "NEWS" in texts[guids[1]].upper()
+    path = ocr_path(tmp_path / "cache", data_dir)
+    assert path.name == f"ocr-rapidocr-{OCR_SETTINGS.tag}.jsonl" and read_ocr(path) == texts
 
 
 def test_ocr_cache_resumes_and_survives_a_torn_line(data_dir, tmp_path):
     guids = [row.guid for row in read_split(data_dir, "train")][:4]
     reader = CountingReader()
-    first = extract_ocr(data_dir, tmp_path, guids[:2], progress=False, reader=reader)
+    first = extract_ocr(data_dir, tmp_path, guids[:2], progress=False, reader=reader, workers=0)
     assert reader.calls == 2 and list(first) == guids[:2]
     path = ocr_path(tmp_path, data_dir)
     with path.open("a") as handle:
         handle.write('{"guid": "torn", "te')  # an interrupted write
-    texts = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=reader)
+    texts = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=reader, workers=0)
     assert reader.calls == 4  # only the two new guids were read
     assert texts == {guids[0]: "text 1", guids[1]: "text 2", guids[2]: "text 3", guids[3]: "text 4"}
     lines = path.read_text().splitlines()
     assert [json.loads(line)["guid"] for line in lines] == guids  # the torn line is gone
+
+
+def test_parallel_ocr_writes_what_one_process_writes_in_guid_order(data_dir, tmp_path):
+    guids = data_guids(data_dir)
+    alone = extract_ocr(data_dir, tmp_path / "alone", guids, progress=False, reader=ImageSizeReader(), workers=0)
+    pooled = extract_ocr(data_dir, tmp_path / "pooled", guids, progress=False, reader=ImageSizeReader(), workers=2)
+    assert pooled == alone and list(pooled) == guids
+    assert ocr_path(tmp_path / "pooled", data_dir).read_bytes() == ocr_path(tmp_path / "alone", data_dir).read_bytes()
+
+
+def test_parallel_ocr_resumes_after_a_torn_line(data_dir, tmp_path):
+    guids = data_guids(data_dir)
+    path = ocr_path(tmp_path, data_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"guid": guids[0], "text": "cached"}) + "\n" + '{"guid": "torn", "te')
+    texts = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=ImageSizeReader(), workers=2)
+    expected = extract_ocr(data_dir, tmp_path / "alone", guids[1:], progress=False, reader=ImageSizeReader(), workers=0)
+    assert texts == {guids[0]: "cached"} | expected  # the cached guid was not read again
+    assert [json.loads(line)["guid"] for line in path.read_text().splitlines()] == guids  # the torn line is gone
+
+
+def test_a_bad_image_in_a_worker_stops_the_run_or_is_skipped(data_dir, tmp_path):
+    guids = [row.guid for row in read_split(data_dir, "train")][:6]
+    image_path(data_dir, guids[3]).write_bytes(b"not a jpeg")
+    with pytest.raises(BadImageError, match=f"guid {guids[3]}: cannot read image"):
+        extract_ocr(data_dir, tmp_path, guids, progress=False, reader=ImageSizeReader(), workers=2)
+    assert list(read_ocr(ocr_path(tmp_path, data_dir))) == guids[:3]  # the images before it are kept
+    texts = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=ImageSizeReader(), workers=2, skip_bad=True)
+    assert texts[guids[3]] == "" and all(texts[guid] for guid in guids if guid != guids[3])
+
+
+def test_ocr_settings_keep_caches_apart(data_dir, tmp_path):
+    guids = [row.guid for row in read_split(data_dir, "train")][:3]
+    fast = OcrSettings(det_min_side=0, use_cls=False)
+    untagged = ocr_path(tmp_path, data_dir).with_name("ocr-rapidocr.jsonl")  # rapidocr's defaults, before tags
+    untagged.parent.mkdir(parents=True)
+    untagged.write_text("".join(json.dumps({"guid": guid, "text": "untagged"}) + "\n" for guid in guids))
+    reader = CountingReader()
+    texts = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=reader, workers=0, settings=fast)
+    assert list(texts.values()) == ["text 1", "text 2", "text 3"]  # other settings never read the untagged file
+    again = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=reader, workers=0)
+    assert again == dict.fromkeys(guids, "untagged") and reader.calls == 3  # the defaults adopt it
+    assert ocr_path(tmp_path, data_dir, fast) != ocr_path(tmp_path, data_dir)
+    assert read_ocr(ocr_path(tmp_path, data_dir, fast)) == texts
+    with pytest.raises(ValueError, match="rec_batch >= 1"):
+        OcrSettings(rec_batch=0)
+
+
+def test_ocr_settings_are_part_of_the_text_cache_identity(tiny_text_encoder_dir, monkeypatch):
+    with_ocr = create_text_encoder(str(tiny_text_encoder_dir) + "+ocr", max_tokens=16)
+    alone = create_text_encoder(str(tiny_text_encoder_dir) + "+imagetext", max_tokens=16)
+    before = [with_ocr.preprocessing(), alone.preprocessing()]
+    assert all(OCR_SETTINGS.tag in preprocessing["ocr"] for preprocessing in before)
+    monkeypatch.setattr(hf_text, "OCR_SETTINGS", OcrSettings(det_min_side=0, use_cls=False))
+    assert with_ocr.preprocessing() != before[0] and alone.preprocessing() != before[1]  # such caches are refused
 
 
 def test_clean_ocr_text_splits_glued_words_and_collapses_space():
@@ -136,3 +209,4 @@ def test_imagetext_variant_encodes_the_image_text_alone_and_masks_posts_without_
     assert torch.equal(mask[0, : expected_mask.shape[1]], expected_mask[0]) and mask[0].sum() == expected_mask.sum()
     torch.testing.assert_close(features[0][mask[0]][:, : plain.dim], expected[0][expected_mask[0]])
     assert not mask[1].any() and not features[1].any()  # no image text: nothing real, nothing but zeros
+

@@ -172,6 +172,9 @@ class CLIPImageEncoder(PatchImageEncoder):
         mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=pixels.device)  # (B, 1 + P)
         return image_tokens, mask
 
+    def for_inference(self) -> CLIPImageEncoder:
+        return self  # a vision transformer: no batch norm to fold, no convolution layout to change
+
     def blocks(self) -> list[nn.Module]:
         """Patch embedding with the pre layer norm, then each layer; the post layer norm goes with the last."""
         layers = list(self.model.encoder.layers)

@@ -23,6 +23,7 @@ from extract.dataset import image_path, load_image, read_text
 from extract.encoders.base import TextEncoder
 from extract.lexicon import VADER_SCORES, vader_scores
 from extract.normalize import normalize_text, preprocessing_record, resolve_rules
+from extract.ocr import OCR_SETTINGS, OcrReader
 from extract.registry import register_text_encoder
 
 DEFAULT_MAX_TOKENS = 64
@@ -97,9 +98,7 @@ class HFTextEncoder(TextEncoder):
 
     def image_text(self, image: Any) -> str:
         if self._ocr_reader is None:
-            from extract.ocr import OcrReader
-
-            self._ocr_reader = OcrReader()
+            self._ocr_reader = OcrReader(OCR_SETTINGS)  # the settings the OCR cache and preprocessing() name
         return self._ocr_reader(image)
 
     def collate(self, items: list[str] | list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -160,8 +159,9 @@ class HFTextEncoder(TextEncoder):
             "max_tokens": self.max_tokens,
             "text": "utf-8 else gb18030, whitespace collapsed",
             **preprocessing_record(self.normalize),
-        } | ({"ocr": "rapidocr, second segment, none when empty"} if self.segments == 2 else {}) | (
-            {"ocr": "rapidocr, the image text alone, all masked when empty"} if self.image_text_only else {}) | (
+        } | ({"ocr": f"rapidocr {OCR_SETTINGS.tag}, second segment, none when empty"} if self.segments == 2 else {}) | (
+            {"ocr": f"rapidocr {OCR_SETTINGS.tag}, the image text alone, all masked when empty"}
+            if self.image_text_only else {}) | (
             {"vader": f"vaderSentiment {VADER_SCORES} of the raw tweet (and image text) on each real token"}
             if self.vader else {}
         )
