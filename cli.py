@@ -90,7 +90,8 @@ def extract(
     """Stage one: encode every pair of train.txt and test_without_label.txt into the HDF5 cache.
 
     A text encoder named with "+ocr" (minilm+ocr) first reads the text inside each image
-    (rapidocr, ~0.4 s per image, cached in cache/<data>/ocr-rapidocr.jsonl, resumable) and
+    (rapidocr, one process per core, ~0.34 s an image on 2 cores, cached in
+    cache/<data>/ocr-rapidocr-<settings>.jsonl, resumable) and
     encodes it after the tweet. A text-only folder (texts.csv: guid,text,tag, e.g.
     mvsa-multiple-text) gets its texts encoded, for `fit --aux-data`. Resumable: a rerun
     encodes only the guids missing from the cache. Under torchrun (torchrun --nproc-per-node N
