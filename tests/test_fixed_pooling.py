@@ -19,14 +19,6 @@ N, T, P = 48, 6, 5  # pairs, tokens, patches
 TEXT_DIM, IMAGE_DIM = 10, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_features(seed: int = 0) -> tuple[PairFeatures, np.ndarray]:
     """Pairs with ragged text, a few missing patches and one skipped image (no real patch at all)."""
     generator = torch.Generator().manual_seed(seed)

@@ -15,15 +15,6 @@ TEXT_DIM, IMAGE_DIM, HIDDEN, NUM_HEADS = 8, 6, 8, 2
 EXTRA = 2  # masked positions appended by the padding tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP threads only add overhead, and on a busy 2-core machine a lot of it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_head(name: str, norm: str = "layer", positions: str = "none", **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     values = {

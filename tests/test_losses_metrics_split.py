@@ -12,15 +12,6 @@ from fusion.metrics import evaluate, format_report
 from fusion.split import stratified_folds, stratified_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP threads only add overhead, and on a busy 2-core machine a lot of it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 3, generator=generator) * 2  # (B, C)

@@ -11,15 +11,6 @@ from fusion.pooling import POOLINGS, Pool, project_and_pool
 B, L, D = 4, 7, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP threads only add overhead, and on a busy 2-core machine a lot of it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def sequence() -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, D) values and a mask with right padding, a gap in the middle and a late start."""

@@ -31,7 +31,6 @@ def test_auto_follows_the_cpu_flags(tmp_path, monkeypatch):
 
 def test_bf16_training_runs_and_stays_close_to_fp32(monkeypatch):
     """bf16 autocast changes the matmuls' rounding only: the same fit lands close, with fp32 weights."""
-    torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     n, labels = 90, np.arange(90) % 3
     direction = torch.randn(3, 8, generator=generator)

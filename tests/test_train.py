@@ -17,15 +17,6 @@ TEXT_DIM, IMAGE_DIM = 8, 6
 N_VAL = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP threads only add overhead, and on a busy 2-core machine a lot of it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthetic(labels: np.ndarray, seed: int, signal: float = 1.0) -> PairFeatures:
     """Features whose real tokens and patches lean towards a per-class direction; padding holds garbage."""
     generator = torch.Generator().manual_seed(seed)
