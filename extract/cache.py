@@ -218,10 +218,7 @@ class FeatureCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             self._create()
-        try:
-            self.handle = h5py.File(self.path, "a")
-        except OSError as error:
-            raise CacheMismatchError(f"{self.path}: not a readable HDF5 cache ({error}); delete it") from error
+        self.handle = open_cache(self.path, "a")
         check_identity(self.path, _describe_file(self.handle), self.description)
         _check_shards(self.path, self.handle)
         _warn_on_versions(self.path, self.handle)
@@ -302,12 +299,22 @@ def read_description(path: Path) -> dict[str, Any]:
         return _describe_file(handle)
 
 
+def open_cache(path: Path, mode: str) -> h5py.File:
+    """The HDF5 file at ``path``; a truncated or foreign file is refused in one line with the fix."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as error:  # h5py's error for anything that is not a complete HDF5 file
+        raise CacheMismatchError(
+            f"{path}: not a readable HDF5 cache ({error}); delete it and run `python cli.py extract` again"
+        ) from error
+
+
 def load_features(path: Path, guids: list[str], expected: dict[str, Any] | None = None) -> CachedFeatures:
     """Load the rows of ``guids`` (in that order); every guid must be in the cache."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no feature cache; run `python cli.py extract` first")
-    with h5py.File(path, "r") as handle:
+    with open_cache(path, "r") as handle:
         description = _describe_file(handle)
         if expected is not None:
             check_identity(path, description, expected)

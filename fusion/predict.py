@@ -28,7 +28,7 @@ from fusion.decision import DEFAULT_RULE, RULES, DecisionRule, PriorRule, create
 from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, stream_descriptions
 from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
 from fusion.registry import create_head
-from fusion.run import CONFIG_FILE, WEIGHTS_FILE, labelled_rows, load_head, predict_run, read_config
+from fusion.run import CONFIG_FILE, WEIGHTS_FILE, labelled_rows, load_head, load_weights, predict_run, read_config
 
 
 def write_submission(path: Path, guids: list[str], predictions: np.ndarray) -> None:
@@ -50,7 +50,7 @@ def load_finetuned(run_dir: Path, config: dict[str, Any]) -> PairModel:
     weights = Path(run_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir}: no {WEIGHTS_FILE}; the finetune did not finish an epoch")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    load_weights(model, weights, fix="finetune it again with `python cli.py finetune --overwrite`")
     return model.eval()
 
 

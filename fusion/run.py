@@ -347,5 +347,17 @@ def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     weights = Path(run_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir}: no {WEIGHTS_FILE}; the fit did not finish")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    load_weights(model, weights, fix="fit it again with `python cli.py fit --overwrite`")
     return model.eval(), config
+
+
+def load_weights(model: torch.nn.Module, path: Path, *, fix: str) -> None:
+    """Load a state dict saved by this project into ``model``; anything else is refused in one line naming ``fix``.
+
+    ``weights_only=True``: a run folder may come from someone else, and only tensors are ever unpickled.
+    """
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:  # a damaged, foreign or mismatched file: unpickling, type and shape errors alike
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"{path}: not the weights of this run ({type(error).__name__}: {reason}); {fix}") from error

@@ -288,3 +288,18 @@ def test_overwrite_replaces_a_single_run_by_folds_and_back(cached, tmp_path):
     succeeded(invoke("fit", *cached, "--out", run, "--overwrite", *FIT_OPTIONS))
     assert not list(run.glob("fold-*")) and not (run / "cv.json").exists()
     assert (run / "model.pt").is_file()
+
+
+def test_a_damaged_cache_or_weights_file_is_one_line_with_the_fix(cached, data_dir, tmp_path):
+    """A truncated HDF5 cache and a model.pt that is not a state dict stop fit and predict in one line."""
+    run, submission = tmp_path / "run", tmp_path / "sub.csv"
+    succeeded(invoke("fit", *cached, "--out", run, *FIT_OPTIONS))
+    weights = run / "model.pt"
+    weights.write_bytes(b"not a checkpoint at all")
+    one_line_error(invoke("predict", *cached[:4], "--run", run, "--out", submission), str(weights), "fit --overwrite")
+    torch.save({"something": torch.zeros(2)}, weights)  # a readable file, but not this head's weights
+    one_line_error(invoke("predict", *cached[:4], "--run", run, "--out", submission), "not the weights of this run")
+    image_cache = cache_path(cached[3], data_dir, "image", cached[7])
+    image_cache.write_bytes(image_cache.read_bytes()[:4096])  # an interrupted copy
+    one_line_error(invoke("fit", *cached, "--out", tmp_path / "again", *FIT_OPTIONS), str(image_cache), "extract")
+    assert not submission.exists()
