@@ -9,6 +9,7 @@ normalisation ever happens in the training loop. A modality may read several cac
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,14 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.cache import CacheMismatchError, cache_path, load_features
+from extract.cache import CacheMismatchError, cache_dir_for, cache_path, load_features
 from extract.registry import STREAM_SEPARATOR, stream_names
 from fusion.layers import normalise_features
 from fusion.pooling import Pool
 
 Stream = tuple[torch.Tensor, torch.Tensor]  # features (N, L, D), mask (N, L) of one encoder
-# (kind, encoder, the description the caller expects as JSON) → that modality's joined features and description
-LoadedFeatures = dict[tuple[str, str, str], tuple[Stream, dict[str, Any]]]
+# (kind, encoder, cache folder, digest of the guids, the description the caller expects as JSON) → that
+# modality's joined features (rows in the guids' order) and description
+LoadedFeatures = dict[tuple[str, str, str, str, str], tuple[Stream, dict[str, Any]]]
 
 
 @dataclass
@@ -213,12 +215,15 @@ def load_pair_features(
 
     ``loaded`` keeps each modality's joined features, for callers that read one cache many times (a
     sweep pairing it with several others, an ensemble of runs that share it): it is read, checked
-    and normalised once. The caller must pass the same ``guids`` with the same ``loaded``.
+    and normalised once. An entry answers only the same caches and the same ``guids`` in the same order: a
+    call for other rows or another data folder reads its own.
     """
     expected, loaded = expected or {}, {} if loaded is None else loaded
+    folder = str(cache_dir_for(cache_root, data_dir).resolve())
+    rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
     keys = []
     for kind, encoder in (("text", text_encoder), ("image", image_encoder)):
-        key = (kind, encoder, json.dumps(expected.get(kind), sort_keys=True))
+        key = (kind, encoder, folder, rows, json.dumps(expected.get(kind), sort_keys=True))
         if key not in loaded:
             streams, description = load_streams(cache_root, data_dir, kind, encoder, guids, expected.get(kind))
             loaded[key] = joined_streams(streams), description

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_MAX_TOKENS, write_data_dir
 from typer.testing import CliRunner
 
@@ -349,3 +350,19 @@ def test_pairs_sharing_a_cache_share_its_loaded_features(tiny_cache):
     assert second.features.image is first.features.image  # read and normalised once
     assert second.features.text.shape[1] == 2 * first.features.text.shape[1]
     assert second.descriptions["text"]["dim"] == 2 * first.descriptions["text"]["dim"]
+
+
+def test_a_reused_memo_answers_only_the_rows_it_was_filled_with(tiny_cache):
+    """A memo filled for some guids must not hand its rows to a call for other guids (or another order)."""
+    data_dir, cache_root = tiny_cache["data_dir"], tiny_cache["cache_root"]
+    encoders = (tiny_cache["text_encoder"], tiny_cache["image_encoder"])
+    train = [row.guid for row in read_split(data_dir, "train")]
+    test = [row.guid for row in read_split(data_dir, "test")]
+    memo = {}
+    load_pair_features(cache_root, data_dir, train, *encoders, loaded=memo)
+    for guids in (test, train[::-1]):
+        reused, _ = load_pair_features(cache_root, data_dir, guids, *encoders, loaded=memo)
+        fresh, _ = load_pair_features(cache_root, data_dir, guids, *encoders)
+        assert reused.guids == guids and torch.equal(reused.text, fresh.text) and torch.equal(reused.image, fresh.image)
+    same, _ = load_pair_features(cache_root, data_dir, train, *encoders, loaded=memo)
+    assert len(memo) == 6 and same.text.shape[0] == len(train)  # the first call's entries were reused, not reread
