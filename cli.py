@@ -14,6 +14,9 @@ from typing import Any
 
 import typer
 
+from extract import defaults
+from fusion.config import FitConfig, HeadConfig
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -22,26 +25,20 @@ app = typer.Typer(
     "then train light fusion heads on them in seconds.",
 )
 
-DEFAULT_DATA = Path("../shared/data/mvsa-single")
-DEFAULT_CACHE = Path("cache")
-# minilm+vader: within noise of minilm+ocr+vader on 5 folds (−0.7 ± 1.6 points of macro-F1, results/sweep-signals.md)
-# at a fraction of the cost (OCR of every image is most of an extraction); "+ocr" stays one flag away.
-DEFAULT_TEXT_ENCODER = "minilm+vader"
-DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
 
 DataOption = typer.Option(
-    DEFAULT_DATA, "--data", help="Data folder: train.txt, test_without_label.txt, data/{guid}.txt|.jpg."
+    defaults.DATA_DIR, "--data", help="Data folder: train.txt, test_without_label.txt, data/{guid}.txt|.jpg."
 )
-CacheOption = typer.Option(DEFAULT_CACHE, "--cache", help="Root folder of the HDF5 feature caches.")
+CacheOption = typer.Option(defaults.CACHE_ROOT, "--cache", help="Root folder of the HDF5 feature caches.")
 TextEncoderOption = typer.Option(
-    DEFAULT_TEXT_ENCODER, "--text-encoder",
+    defaults.TEXT_ENCODER, "--text-encoder",
     help="Text encoder: minilm (embedded, offline), mpnet (offline, see README), bert-base-uncased (hub), "
     "hf:<model id>, clip:<model id>, or a local model folder; append +norm (every tweet normalisation rule), "
     "+ocr (the text found in each image) and/or +vader (lexicon scores): minilm+ocr+vader. Several, comma-separated "
     "(minilm+ocr,mpnet+ocr), for extract and fit: one cache each, side by side in the head.",
 )
 ImageEncoderOption = typer.Option(
-    DEFAULT_IMAGE_ENCODER, "--image-encoder",
+    defaults.IMAGE_ENCODER, "--image-encoder",
     help="Image encoder: efficientnet-lite0 or efficientnet-lite2 (embedded, offline), resnet50 (hub), "
     "tv:<torchvision model>, or clip:<model id>. Several, comma-separated, for extract and fit.",
 )
@@ -156,42 +153,62 @@ def fit(
     text_encoder: str = TextEncoderOption,
     image_encoder: str = ImageEncoderOption,
     head: str = typer.Option(
-        "gated", help="Fusion head: gated | cross-attention | concat | late | text-only | image-only."
+        FitConfig.head, help="Fusion head: gated | cross-attention | concat | late | text-only | image-only."
     ),
-    val_fraction: float = typer.Option(0.1, help="Stratified share of train.txt held out for validation."),
-    seed: int = typer.Option(0, help="Seeds the split, the initialisation and the batch order."),
-    epochs: int = typer.Option(30, min=1, help="Most epochs; early stopping on validation macro-F1 ends sooner."),
-    patience: int = typer.Option(5, min=1, help="Epochs without a better validation macro-F1 before stopping."),
-    batch_size: int = typer.Option(64, min=1),
-    lr: float = typer.Option(5e-4, help="AdamW learning rate."),
-    weight_decay: float = typer.Option(0.01),
-    loss: str = typer.Option("ce", help="ce | focal."),
-    class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency."),
-    label_smoothing: float = typer.Option(0.0),
+    val_fraction: float = typer.Option(
+        FitConfig.val_fraction, help="Stratified share of train.txt held out for validation."
+    ),
+    seed: int = typer.Option(FitConfig.seed, help="Seeds the split, the initialisation and the batch order."),
+    epochs: int = typer.Option(
+        FitConfig.epochs, min=1, help="Most epochs; early stopping on validation macro-F1 ends sooner."
+    ),
+    patience: int = typer.Option(
+        FitConfig.patience, min=1, help="Epochs without a better validation macro-F1 before stopping."
+    ),
+    batch_size: int = typer.Option(FitConfig.batch_size, min=1),
+    lr: float = typer.Option(FitConfig.lr, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(FitConfig.weight_decay),
+    loss: str = typer.Option(FitConfig.loss, help="ce | focal."),
+    class_weights: bool = typer.Option(
+        FitConfig.class_weights, "--class-weights", help="Weight the loss by inverse class frequency."
+    ),
+    label_smoothing: float = typer.Option(FitConfig.label_smoothing),
     balanced_sampling: bool = typer.Option(
-        False, "--balanced-sampling", help="Draw training rows class-balanced (probability ∝ 1 / class count)."
+        FitConfig.balanced_sampling, "--balanced-sampling",
+        help="Draw training rows class-balanced (probability ∝ 1 / class count)."
     ),
     logit_adjustment: bool = typer.Option(
-        False, "--logit-adjustment", help="Subtract τ·log prior from the logits, τ tuned on validation; predict too."
+        FitConfig.logit_adjustment, "--logit-adjustment",
+        help="Subtract τ·log prior from the logits, τ tuned on validation; predict too."
     ),
-    modalities: str = typer.Option("both", help="both | text | image: mask the other modality out (ablation)."),
+    modalities: str = typer.Option(
+        FitConfig.modalities, help="both | text | image: mask the other modality out (ablation)."
+    ),
     precision: str = typer.Option(
-        "auto", help="auto | fp32 | bf16: bf16 autocast in training; auto = bf16 where the CPU has bf16 matrix units "
-        "(AMX, AVX512-BF16), else fp32.",
+        FitConfig.precision, help="auto | fp32 | bf16: bf16 autocast in training; auto = bf16 where the CPU has bf16 "
+        "matrix units (AMX, AVX512-BF16), else fp32.",
     ),
     aux_data: Path | None = typer.Option(
         None, help="Text-only folder (texts.csv, e.g. ../shared/data/mvsa-multiple-text, extracted first) whose "
         "labelled texts join the training rows without images; never used for validation.",
     ),
-    aux_per_epoch: float = typer.Option(1.0, help="Auxiliary texts drawn per epoch, as a multiple of training pairs."),
-    hidden: int | None = typer.Option(None, help="Head hidden size D (default 128)."),
-    num_heads: int | None = typer.Option(None, help="Attention heads (default 4)."),
-    layers: int | None = typer.Option(None, help="Attention blocks per branch (default 1)."),
-    dropout: float | None = typer.Option(None, help="Dropout (default 0.2)."),
-    text_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default attention)."),
-    image_pool: str | None = typer.Option(None, help="last | first | mean | max | attention (default attention)."),
-    norm: str | None = typer.Option(None, help="Norm in attention blocks: layer | batch (default layer)."),
-    image_positions: str | None = typer.Option(None, help="Patch positions: none | sinusoidal | learned."),
+    aux_per_epoch: float = typer.Option(
+        FitConfig.aux_per_epoch, help="Auxiliary texts drawn per epoch, as a multiple of training pairs."
+    ),
+    hidden: int | None = typer.Option(None, help=f"Head hidden size D (default {HeadConfig.hidden})."),
+    num_heads: int | None = typer.Option(None, help=f"Attention heads (default {HeadConfig.num_heads})."),
+    layers: int | None = typer.Option(None, help=f"Attention blocks per branch (default {HeadConfig.layers})."),
+    dropout: float | None = typer.Option(None, help=f"Dropout (default {HeadConfig.dropout})."),
+    text_pool: str | None = typer.Option(
+        None, help=f"last | first | mean | max | attention (default {HeadConfig.text_pool})."
+    ),
+    image_pool: str | None = typer.Option(
+        None, help=f"last | first | mean | max | attention (default {HeadConfig.image_pool})."
+    ),
+    norm: str | None = typer.Option(None, help=f"Norm in attention blocks: layer | batch (default {HeadConfig.norm})."),
+    image_positions: str | None = typer.Option(
+        None, help=f"Patch positions: none | sinusoidal | learned (default {HeadConfig.image_positions})."
+    ),
     folds: int = typer.Option(
         1, "--folds", min=1, help="K > 1: K-fold cross-validation, a run per fold in OUT/fold-k; predict --run OUT "
         "then averages the K heads (a fold ensemble). 1: one stratified split of --val-fraction.",
@@ -204,7 +221,6 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run (or folds) already in the folder."),
 ) -> None:
     """Stage two: train a fusion head on the cached features and report validation metrics."""
-    from fusion.config import FitConfig
     from fusion.metrics import cv_summary, format_report, metric_of
     from fusion.run import fit_folds, fit_run, read_metrics
 
@@ -305,12 +321,12 @@ def finetune(
         None, "--from-run", help="Start from a head trained by fit: reuses its head, encoders and validation split."
     ),
     text_encoder: str | None = typer.Option(
-        None, "--text-encoder", help=f"Text encoder when not starting --from-run (default {DEFAULT_TEXT_ENCODER})."
+        None, "--text-encoder", help=f"Text encoder when not starting --from-run (default {defaults.TEXT_ENCODER})."
     ),
     image_encoder: str | None = typer.Option(
-        None, "--image-encoder", help=f"Image encoder when not starting --from-run (default {DEFAULT_IMAGE_ENCODER})."
+        None, "--image-encoder", help=f"Image encoder when not starting --from-run (default {defaults.IMAGE_ENCODER})."
     ),
-    head: str | None = typer.Option(None, help="Fusion head when not starting --from-run (default gated)."),
+    head: str | None = typer.Option(None, help=f"Fusion head when not starting --from-run (default {FitConfig.head})."),
     unfreeze: str = typer.Option("top-2", help="Encoder blocks to train: all | none | top-K (the last K of each)."),
     epochs: int = typer.Option(3, min=1),
     patience: int = typer.Option(2, min=1, help="Epochs without a better validation macro-F1 before stopping."),
@@ -354,8 +370,8 @@ def finetune(
             f"{', '.join(given)} cannot be combined with --from-run, which reuses the run's encoders and head",
             param_hint="--from-run",
         )
-    text_encoder, image_encoder = text_encoder or DEFAULT_TEXT_ENCODER, image_encoder or DEFAULT_IMAGE_ENCODER
-    head = head or "gated"
+    text_encoder, image_encoder = text_encoder or defaults.TEXT_ENCODER, image_encoder or defaults.IMAGE_ENCODER
+    head = head or FitConfig.head
     started = time.perf_counter()
     metrics = finetune_run(
         data, out, config, device=torch_device, from_run=from_run, text_encoder=text_encoder,
@@ -447,10 +463,9 @@ def ablate(
     Each row retrains the same head with the same options on the same folds; only the input differs:
     the left-out modality is masked out (modalities=text|image), so it never reaches the logits.
     """
-    from fusion.config import FitConfig
     from fusion.sweep import SweepOptions, ablation_grid, ablation_table, build_grids, sweep_from_cache
 
-    head = head or FitConfig().head
+    head = head or FitConfig.head
     trials, rows = sweep_from_cache(
         data, cache, out, ablation_grid(head, build_grids(None, sets)[0]), SweepOptions(folds, jobs, split_seed),
         text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,
@@ -464,7 +479,7 @@ def pipeline(
     data: Path = DataOption,
     cache: Path = CacheOption,
     run: Path = typer.Option(
-        Path("runs/default"), "--run", help="Run folder of the fitted heads (rewritten each run)."
+        defaults.RUN_DIR, "--run", help="Run folder of the fitted heads (rewritten each run)."
     ),
     folds: int = typer.Option(
         5, "--folds", min=1, help="Fit K heads by K-fold cross-validation and predict with their average (1: one head)."

@@ -196,13 +196,13 @@ def markdown(methods: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def main() -> None:
-    from cli import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+    from extract import defaults
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mvsa-single"))
     parser.add_argument("--cache", type=Path, default=Path("cache"))
-    parser.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER)
-    parser.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER)
+    parser.add_argument("--text-encoder", default=defaults.TEXT_ENCODER)
+    parser.add_argument("--image-encoder", default=defaults.IMAGE_ENCODER)
     parser.add_argument("--head", default=FitConfig().head)
     parser.add_argument("--outer", type=int, default=5, help="outer folds, each held out and scored")
     parser.add_argument("--inner", type=int, default=5, help="folds of the fold ensemble")

@@ -1,17 +1,14 @@
 """Configuration of a head and of its training, as plain dataclasses.
 
-Every field is a CLI option of ``fit`` and a key of the run's ``config.json``;
-``validate()`` runs before any work so that a bad value fails in a second.
+Every field is a CLI option of ``fit`` (whose defaults are read from here) and a key of the
+run's ``config.json``; ``validate()`` runs before any work so that a bad value fails in a second.
+Nothing here imports torch, so the command line reads the defaults without loading it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
-
-from fusion.layers import NORMS, POSITIONS
-from fusion.pooling import POOLINGS
-from fusion.precision import HEAD_PRECISIONS
 
 LOSSES = ("ce", "focal")
 MODALITIES = ("both", "text", "image")  # what the head sees; the other modality's mask is all False
@@ -33,6 +30,9 @@ class HeadConfig:
     image_positions: str = "none"  # none | sinusoidal | learned, added to patches
 
     def validate(self) -> HeadConfig:
+        from fusion.layers import NORMS, POSITIONS
+        from fusion.pooling import POOLINGS
+
         for name, value, choices in (
             ("text_pool", self.text_pool, POOLINGS),
             ("image_pool", self.image_pool, POOLINGS),
@@ -73,6 +73,7 @@ class FitConfig:
     precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast in training; auto = bf16 where the CPU has bf16 units
 
     def validate(self) -> FitConfig:
+        from fusion.precision import HEAD_PRECISIONS
         from fusion.registry import head_names
 
         if self.head not in head_names():

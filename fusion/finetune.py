@@ -23,10 +23,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from extract import defaults
 from extract.cache import check_identity
 from extract.dataset import LABELS
 from extract.run import default_workers
-from fusion.config import HeadConfig, from_dict
+from fusion.config import FitConfig, HeadConfig, from_dict
 from fusion.losses import classification_loss, inverse_frequency_weights
 from fusion.metrics import evaluate, format_report
 from fusion.pair_model import PairModel, RawPairs, build_encoders, move_batch, predict_raw, save_pair_model
@@ -227,9 +228,9 @@ def finetune_run(
     *,
     device: torch.device,
     from_run: Path | None = None,
-    text_encoder: str = "minilm",
-    image_encoder: str = "efficientnet-lite0",
-    head: str = "gated",
+    text_encoder: str = defaults.TEXT_ENCODER,
+    image_encoder: str = defaults.IMAGE_ENCODER,
+    head: str = FitConfig.head,
     resume: bool = False,
     overwrite: bool = False,
     workers: int | None = None,

@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+from extract import defaults
 from extract.dataset import LABELS, read_split, read_text
 from fusion.predict import predict_post, predict_submission
 
@@ -56,8 +57,8 @@ def test_pipeline_with_the_real_default_encoders_then_a_single_post(real_pairs, 
     assert result.exit_code == 0, result.output
     assert "5-fold cross-validation of gated" in result.output
     config = json.loads((run / "fold-0" / "config.json").read_text())
-    assert config["encoders"]["text"]["encoder"] == cli.DEFAULT_TEXT_ENCODER
-    assert config["encoders"]["image"]["encoder"] == cli.DEFAULT_IMAGE_ENCODER
+    assert config["encoders"]["text"]["encoder"] == defaults.TEXT_ENCODER
+    assert config["encoders"]["image"]["encoder"] == defaults.IMAGE_ENCODER
     assert config["encoders"]["text"]["options"]["vader"] is True  # the lexicon scores really are in the cache
     rows = list(csv.DictReader(submission.open()))
     test = read_split(real_pairs, "test")
