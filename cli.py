@@ -285,26 +285,44 @@ def predict(
         None, "--decision", help="How the runs' probabilities become one label: mean | geometric | temperature | "
         "bias | prior (default: the rule a K-fold folder's decision.json names, else mean, the plain average).",
     ),
+    explain: Path | None = typer.Option(
+        None, "--explain", help="With --text/--image: write which words and image regions pushed the prediction to "
+        "this folder (explanation.json, patches.png, words.html; Integrated Gradients on the head's inputs).",
+    ),
 ) -> None:
     """Write the submission for test_without_label.txt, or label one new post (--text and --image)."""
     import numpy as np
 
     from extract.dataset import LABELS
+    from fusion.api import Post, Run, ensemble_decision
     from fusion.decision import RULES
-    from fusion.predict import ensemble_decision, predict_post, predict_submission
+    from fusion.explain import write_explanation
+    from fusion.predict import predict_submission
 
     if (text is None) != (image is None):
         raise typer.BadParameter("give both --text and --image for a single post", param_hint="--text/--image")
     if decision is not None and decision not in RULES:
         raise typer.BadParameter(f"{decision!r} is not one of {sorted(RULES)}", param_hint="--decision")
-    rule = ensemble_decision(run, decision, data)
+    if explain is not None and text is None:
+        raise typer.BadParameter("--explain explains one post: give --text and --image", param_hint="--explain")
     if text is not None:
-        probabilities = predict_post(run, text, image, rule)
+        loaded = Run.load(run, decision=decision, data_dir=data)
+        post = Post(text, image)
+        if explain is not None:
+            explanation, picture = loaded.explain(post)
+            image_length = next(iter(loaded.encoder_sets.values())).image[0].length
+            written = write_explanation(explanation, picture, explain, image_length)
+            probabilities = explanation.probabilities
+        else:
+            probabilities = dict(zip(loaded.labels, map(float, loaded.predict_proba(post)[0])))
         label = max(probabilities, key=probabilities.get)
         typer.echo(f"{label}  " + "  ".join(f"{k}={v:.3f}" for k, v in probabilities.items()))
+        if explain is not None:
+            typer.echo("explanation: " + ", ".join(str(path) for path in written))
         return
     if out is None:
         raise typer.BadParameter("give --out FILE for the submission, or --text and --image for one post")
+    rule = ensemble_decision(run, decision, data)
     probabilities = predict_submission(run, data, cache, out, rule)
     counts = np.bincount(probabilities.argmax(1), minlength=len(LABELS))
     typer.echo(f"wrote {len(probabilities)} predictions to {out} (decision rule {rule.name}): " + ", ".join(

@@ -14,6 +14,7 @@ import csv
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -146,20 +147,28 @@ class BadImageError(ValueError):
         return type(self), (self.guid, self.path, self.reason)
 
 
-def load_image(path: Path, guid: str = "?") -> Image.Image:
-    """Open any image mode (greyscale, CMYK, palette, alpha) as fully decoded RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadImageError(guid, path, "file not found")
+def load_image(path: Path | BinaryIO, guid: str = "?") -> Image.Image:
+    """Open any image mode (greyscale, CMYK, palette, alpha) as fully decoded RGB.
+
+    ``path`` may also be an open binary file (an upload); errors then name it ``<upload>``. An image
+    over PIL's pixel limit (a decompression bomb) is refused like an undecodable one.
+    """
+    name = Path(path) if isinstance(path, (str, Path)) else Path("<upload>")
+    if isinstance(path, (str, Path)) and not name.is_file():
+        raise BadImageError(guid, name, "file not found")
     try:
-        with Image.open(path) as image:
+        with Image.open(name if isinstance(path, (str, Path)) else path) as image:
             image.load()
-            if image.mode in ("RGBA", "LA", "P") or "transparency" in image.info:
-                # Composite on white: converting alpha straight to RGB leaves black backgrounds.
-                rgba = image.convert("RGBA")
-                background = Image.new("RGB", rgba.size, (255, 255, 255))
-                background.paste(rgba, mask=rgba.getchannel("A"))
-                return background
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise BadImageError(guid, path, str(error) or type(error).__name__) from error
+            return rgb_image(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImageError(guid, name, str(error) or type(error).__name__) from error
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """``image`` as RGB, transparent parts composited on white (converting alpha straight to RGB leaves them black)."""
+    if image.mode in ("RGBA", "LA", "P") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -29,6 +29,7 @@ summed, special tokens dropped, image-text words marked), patches to image regio
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import tempfile
@@ -286,6 +287,38 @@ def render_patches(
     axes.text(0.02, 0.98, note, transform=axes.transAxes, va="top", fontsize=font,
               bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
     return _write_atomically(Path(path), lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
+
+
+EXPLANATION_FILES = ("explanation.json", "patches.png", "words.html")
+
+
+def write_explanation(
+    explanation: Explanation, picture: Image.Image, folder: Path, image_length: int | None = None
+) -> list[Path]:
+    """``folder``/explanation.json (``to_dict``), patches.png (the heatmap over the picture) and words.html
+    (a page with the probabilities, the shaded words and the heatmap), each written atomically.
+
+    ``image_length``: the first image encoder's positions, when several sit side by side (it is drawn).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    patches = explanation.patch_weights[:image_length]
+    bars = "".join(
+        f"<li>{html.escape(label)} {p:.3f}</li>" for label, p in explanation.probabilities.items()
+    )
+    page = (
+        "<!doctype html>\n<meta charset=\"utf-8\">\n<title>mmsent explanation</title>\n"
+        "<style>body{font:16px system-ui,sans-serif;max-width:48rem;margin:2rem auto}"
+        "img{max-width:100%}.segment{color:#666;font-style:italic}</style>\n"
+        f"<h1>{html.escape(explanation.label)}</h1>\n<ul>{bars}</ul>\n"
+        + words_html(explanation.words, explanation.target)
+        + "<p><img src=\"patches.png\" alt=\"image regions shaded by attribution\"></p>\n"
+    )
+    return [
+        write_text(folder / EXPLANATION_FILES[0], json.dumps(explanation.to_dict(), indent=2) + "\n"),
+        render_patches(picture, patches, folder / EXPLANATION_FILES[1], explanation.target),
+        write_text(folder / EXPLANATION_FILES[2], page),
+    ]
 
 
 def write_text(path: Path, text: str) -> Path:

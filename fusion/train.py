@@ -122,10 +122,12 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[
 
 @torch.inference_mode()
 def predict_proba(model: torch.nn.Module, features: PairFeatures, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (N, C) for cached features."""
+    """Class probabilities (N, C) for cached features, on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(features), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(features)))
-        chunks.append(torch.softmax(model(*features.batch(rows, model.modalities)).float(), dim=-1))  # (B, C)
+        logits = model(*features.batch(rows, model.modalities, device))  # (B, C)
+        chunks.append(torch.softmax(logits.float(), dim=-1).cpu())
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, model.config.num_classes), np.float32)

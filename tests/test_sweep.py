@@ -298,7 +298,7 @@ def test_ablate_prints_three_rows(tiny_cache, tmp_path):
 
 
 def test_fold_ensemble_predict_averages_the_fold_runs_probabilities(tiny_cache, tmp_path):
-    from fusion.predict import expand_runs, run_probabilities
+    from fusion.api import Run, expand_runs
 
     run(tiny_cache, tmp_path / "sweep", [TINY | {"head": ["gated"]}], folds=3)
     trial = next((tmp_path / "sweep" / "runs").iterdir())
@@ -306,7 +306,7 @@ def test_fold_ensemble_predict_averages_the_fold_runs_probabilities(tiny_cache, 
     assert [f.name for f in folds] == ["fold-0", "fold-1", "fold-2"]
     data_dir, cache_root = tiny_cache["data_dir"], tiny_cache["cache_root"]
     guids = [row.guid for row in read_split(data_dir, "test")]
-    each = [run_probabilities(fold, data_dir, cache_root, guids) for fold in folds]  # 3 × (N_test, C)
+    each = [Run.load(fold).predict_cached(data_dir, guids, cache_root) for fold in folds]  # 3 × (N_test, C)
     assert not np.allclose(each[0], each[1])  # the folds are different models
     ensemble = predict_submission([trial], data_dir, cache_root, tmp_path / "sub.csv")
     np.testing.assert_allclose(ensemble, np.mean(each, axis=0), atol=1e-7)

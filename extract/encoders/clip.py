@@ -35,7 +35,7 @@ from torch import nn
 
 from extract.dataset import read_text
 from extract.encoders.base import PatchImageEncoder, TextEncoder
-from extract.encoders.hf_text import DEFAULT_MAX_TOKENS, EncoderUnavailableError
+from extract.encoders.hf_text import DEFAULT_MAX_TOKENS, EncoderUnavailableError, quiet_loading
 from extract.normalize import normalize_text, preprocessing_record, resolve_rules
 
 if TYPE_CHECKING:
@@ -54,7 +54,8 @@ def _load_clip(model_id: str, kind: str) -> CLIPModel:
                 f"{kind} encoder 'clip:{model_id}' is a {config.model_type!r} checkpoint, not a CLIP one "
                 f"(model_type 'clip'); use 'hf:{model_id}' for other Hugging Face text models"
             )
-        return CLIPModel.from_pretrained(model_id, config=config)
+        with quiet_loading():
+            return CLIPModel.from_pretrained(model_id, config=config)
     except OSError as error:
         raise EncoderUnavailableError(
             f"cannot load {kind} encoder 'clip:{model_id}': it is neither a local CLIP folder nor in the "

@@ -12,7 +12,8 @@ VADER scores of the tweet (and of the image text) appended to every real token's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ class HFTextEncoder(TextEncoder):
         self.normalize = resolve_rules(normalize)  # before loading: a typo fails without the load's cost
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-            self.model = AutoModel.from_pretrained(model_id)
+            with quiet_loading():
+                self.model = AutoModel.from_pretrained(model_id)
         except OSError as error:
             raise EncoderUnavailableError(
                 f"cannot load text encoder {model_id!r}: it is neither a local model folder nor in the "
@@ -183,6 +185,21 @@ class HFTextEncoder(TextEncoder):
         encoding = self.tokenizer(*texts, truncation=True, max_length=self.max_tokens, return_offsets_mapping=True)
         image_text = 1 if len(texts) == 2 else 0 if self.image_text_only else None
         return {"encoding": encoding, "texts": texts, "image_text": image_text}
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar from transformers: loading a local model takes a blink, and the bar would
+    bury the one line a single-post prediction prints. The caller's setting is restored after."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 @register_text_encoder("minilm")
