@@ -15,7 +15,8 @@ from typing import Any
 import typer
 
 from extract import defaults
-from fusion.config import FitConfig, HeadConfig
+from fusion.config import AttentionHeadConfig, BaseHeadConfig, FitConfig, PooledHeadConfig
+from fusion.losses import loss_names
 
 app = typer.Typer(
     add_completion=False,
@@ -41,6 +42,9 @@ ImageEncoderOption = typer.Option(
     defaults.IMAGE_ENCODER, "--image-encoder",
     help="Image encoder: efficientnet-lite0 or efficientnet-lite2 (embedded, offline), resnet50 (hub), "
     "tv:<torchvision model>, or clip:<model id>. Several, comma-separated, for extract and fit.",
+)
+LossOption = typer.Option(
+    FitConfig.loss, "--loss", help=f"{' | '.join(loss_names())}: a loss of the registry in fusion/losses.py."
 )
 
 
@@ -95,53 +99,16 @@ def extract(
     cli.py extract …) every process encodes a slice of the pairs on its own GPU or share of the
     cores, and rank 0 stitches their shard files into the same cache file.
     """
-    from extract.dataset import is_text_only
-    from extract.device import resolve_device
-    from extract.distributed import Launch, join, leader_first
-    from extract.ocr import extract_ocr
-    from extract.registry import create_encoder, stream_names
-    from extract.run import data_guids, extract_features
+    from extract.run import extract_data
 
-    launch = Launch.from_env()  # None unless a launcher started several processes
-    leader = launch is None or launch.leader  # the one process that prints
-    torch_device = resolve_device(device)
-    guids = data_guids(data)
-    kinds = {"text": (text_encoder, {"max_tokens": max_tokens, "normalize": normalize}), "image": (image_encoder, {})}
     if decode not in ("auto", "pil", "tensor"):
         raise typer.BadParameter(f"expected auto, pil or tensor, got {decode!r}", param_hint="--decode")
-    if only is not None and only not in kinds:
+    if only is not None and only not in ("text", "image"):
         raise typer.BadParameter(f"expected 'text' or 'image', got {only!r}", param_hint="--only")
-    if is_text_only(data):
-        if only == "image":
-            raise ValueError(f"{data}: a text-only folder (texts.csv) has no images to extract")
-        if leader:
-            typer.echo(f"{data}: text-only folder (texts.csv); extracting text only")
-        only = "text"
-    if launch is not None:  # this rank's GPU (cuda:LOCAL_RANK) or share of the cores, in the process group
-        torch_device = join(launch, torch_device)
-    where = torch_device if launch is None else f"{launch.world_size} processes ({torch_device.type})"
-    for kind, (names, options) in kinds.items():
-        if only not in (None, kind):
-            continue
-        for name in stream_names(names):
-            started = time.perf_counter()
-            encoder = create_encoder(kind, name, **options)
-            if getattr(encoder, "ocr", False):  # a "+ocr" text encoder: the OCR stage runs (or resumes) first
-                with leader_first(launch):  # the OCR file takes one writer: under torchrun, rank 0 reads every image
-                    encoder.ocr_texts.update(extract_ocr(data, cache, guids, skip_bad=skip_bad, progress=leader))
-                if leader:
-                    typer.echo(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
-            summary = extract_features(
-                encoder, data, cache, guids=guids, batch_size=batch_size, device=torch_device, skip_bad=skip_bad,
-                num_workers=workers, decode=decode, launch=launch,
-            )
-            seconds = time.perf_counter() - started
-            if leader:
-                typer.echo(
-                    f"{kind} {name}: {summary.encoded} new of {summary.total} pairs in {seconds:.1f} s on {where} "
-                    f"→ {summary.path}"
-                    + (f" ({len(summary.skipped)} skipped: {summary.skipped[:5]})" if summary.skipped else "")
-                )
+    extract_data(
+        data, cache, text_encoder, image_encoder, batch_size=batch_size, max_tokens=max_tokens, normalize=normalize,
+        device=device, decode=decode, workers=workers, skip_bad=skip_bad, only=only, echo=typer.echo,
+    )
 
 
 @app.command()
@@ -158,7 +125,14 @@ def fit(
     val_fraction: float = typer.Option(
         FitConfig.val_fraction, help="Stratified share of train.txt held out for validation."
     ),
-    seed: int = typer.Option(FitConfig.seed, help="Seeds the split, the initialisation and the batch order."),
+    seed: int = typer.Option(
+        FitConfig.seed, help="Seeds the initialisation and the batch order, and the split unless --split-seed is given."
+    ),
+    split_seed: int | None = typer.Option(
+        None, "--split-seed", help="Seeds the split (the K folds, or the hold-out); default: --seed, as before the "
+        "split had a seed of its own. fit --folds K --split-seed S validates on the rows of sweep --folds K "
+        "--split-seed S, so their fold scores compare.",
+    ),
     epochs: int = typer.Option(
         FitConfig.epochs, min=1, help="Most epochs; early stopping on validation macro-F1 ends sooner."
     ),
@@ -168,7 +142,7 @@ def fit(
     batch_size: int = typer.Option(FitConfig.batch_size, min=1),
     lr: float = typer.Option(FitConfig.lr, help="AdamW learning rate."),
     weight_decay: float = typer.Option(FitConfig.weight_decay),
-    loss: str = typer.Option(FitConfig.loss, help="ce | focal."),
+    loss: str = LossOption,
     class_weights: bool = typer.Option(
         FitConfig.class_weights, "--class-weights", help="Weight the loss by inverse class frequency."
     ),
@@ -195,19 +169,28 @@ def fit(
     aux_per_epoch: float = typer.Option(
         FitConfig.aux_per_epoch, help="Auxiliary texts drawn per epoch, as a multiple of training pairs."
     ),
-    hidden: int | None = typer.Option(None, help=f"Head hidden size D (default {HeadConfig.hidden})."),
-    num_heads: int | None = typer.Option(None, help=f"Attention heads (default {HeadConfig.num_heads})."),
-    layers: int | None = typer.Option(None, help=f"Attention blocks per branch (default {HeadConfig.layers})."),
-    dropout: float | None = typer.Option(None, help=f"Dropout (default {HeadConfig.dropout})."),
+    # Head options: each head takes only its own (fusion/config.py); one it does not take fails in one line.
+    hidden: int | None = typer.Option(None, help=f"Head hidden size D (default {BaseHeadConfig.hidden})."),
+    num_heads: int | None = typer.Option(
+        None, help=f"Attention heads per block, attention heads only (cross-attention; default "
+        f"{AttentionHeadConfig.num_heads}); must divide --hidden.",
+    ),
+    layers: int | None = typer.Option(
+        None, help=f"Attention blocks per branch, attention heads only (default {AttentionHeadConfig.layers}).",
+    ),
+    dropout: float | None = typer.Option(None, help=f"Dropout (default {BaseHeadConfig.dropout})."),
     text_pool: str | None = typer.Option(
-        None, help=f"last | first | mean | max | attention (default {HeadConfig.text_pool})."
+        None, help=f"last | first | mean | max | attention (default {PooledHeadConfig.text_pool})."
     ),
     image_pool: str | None = typer.Option(
-        None, help=f"last | first | mean | max | attention (default {HeadConfig.image_pool})."
+        None, help=f"last | first | mean | max | attention (default {PooledHeadConfig.image_pool})."
     ),
-    norm: str | None = typer.Option(None, help=f"Norm in attention blocks: layer | batch (default {HeadConfig.norm})."),
+    norm: str | None = typer.Option(
+        None, help=f"layer | batch: norm in the attention blocks, attention heads only (default "
+        f"{AttentionHeadConfig.norm}).",
+    ),
     image_positions: str | None = typer.Option(
-        None, help=f"Patch positions: none | sinusoidal | learned (default {HeadConfig.image_positions})."
+        None, help=f"Patch positions: none | sinusoidal | learned (default {PooledHeadConfig.image_positions})."
     ),
     folds: int = typer.Option(
         1, "--folds", min=1, help="K > 1: K-fold cross-validation, a run per fold in OUT/fold-k; predict --run OUT "
@@ -221,9 +204,6 @@ def fit(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run (or folds) already in the folder."),
 ) -> None:
     """Stage two: train a fusion head on the cached features and report validation metrics."""
-    from fusion.metrics import cv_summary, format_report, metric_of
-    from fusion.run import fit_folds, fit_run, read_metrics
-
     fit_config = FitConfig(
         head=head, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
@@ -238,13 +218,37 @@ def fit(
         }.items()
         if value is not None
     }
-    encoders = {"text_encoder": text_encoder, "image_encoder": image_encoder}
     if folds == 1 and decision != "mean":
         raise typer.BadParameter("a decision rule combines the heads of --folds K (K ≥ 2)", param_hint="--decision")
+    _fit_and_report(
+        data, cache, out, fit_config, head_options, folds=folds, split_seed=split_seed, decision=decision,
+        overwrite=overwrite, text_encoder=text_encoder, image_encoder=image_encoder,
+    )
+
+
+def _fit_and_report(
+    data: Path,
+    cache: Path,
+    out: Path,
+    fit_config: FitConfig,
+    head_options: dict[str, Any],
+    *,
+    folds: int,
+    split_seed: int | None,
+    decision: str | None,
+    overwrite: bool,
+    text_encoder: str,
+    image_encoder: str,
+) -> None:
+    """fit's work and printout once its options are read: pipeline's second stage runs it too, so it prints the same."""
+    from fusion.metrics import cv_summary, format_report, metric_of
+    from fusion.run import fit_folds, fit_run, read_metrics
+
+    head = fit_config.head
+    common = {"text_encoder": text_encoder, "image_encoder": image_encoder, "split_seed": split_seed,
+              "overwrite": overwrite}
     if folds > 1:
-        results = fit_folds(
-            data, cache, out, fit_config, head_options, folds=folds, decision=decision, overwrite=overwrite, **encoders
-        )
+        results = fit_folds(data, cache, out, fit_config, head_options, folds=folds, decision=decision, **common)
         shown = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("neutral recall", "neutral_recall"))
         for fold, result in enumerate(results):
             typer.echo(
@@ -257,7 +261,7 @@ def fit(
         ))
         typer.echo(f"run folder: {out} (fold-0 … fold-{folds - 1}; `predict --run {out}` averages them)")
         return
-    trainer = fit_run(data, cache, out, fit_config, head_options, overwrite=overwrite, **encoders)
+    trainer = fit_run(data, cache, out, fit_config, head_options, **common)
     metrics = read_metrics(out)
     tau = metrics.get("logit_adjustment", {}).get("tau")
     typer.echo(
@@ -291,13 +295,9 @@ def predict(
     ),
 ) -> None:
     """Write the submission for test_without_label.txt, or label one new post (--text and --image)."""
-    import numpy as np
-
-    from extract.dataset import LABELS
-    from fusion.api import Post, Run, ensemble_decision
+    from fusion.api import Post, Run
     from fusion.decision import RULES
     from fusion.explain import write_explanation
-    from fusion.predict import predict_submission
 
     if (text is None) != (image is None):
         raise typer.BadParameter("give both --text and --image for a single post", param_hint="--text/--image")
@@ -322,8 +322,19 @@ def predict(
         return
     if out is None:
         raise typer.BadParameter("give --out FILE for the submission, or --text and --image for one post")
-    rule = ensemble_decision(run, decision, data)
-    probabilities = predict_submission(run, data, cache, out, rule)
+    _submit_and_report(run, data, cache, out, decision)
+
+
+def _submit_and_report(runs: list[Path], data: Path, cache: Path, out: Path, decision: str | None) -> None:
+    """Write the submission of ``runs`` and print how many rows went to each class (predict, pipeline)."""
+    import numpy as np
+
+    from extract.dataset import LABELS
+    from fusion.api import ensemble_decision
+    from fusion.predict import predict_submission
+
+    rule = ensemble_decision(runs, decision, data)
+    probabilities = predict_submission(runs, data, cache, out, rule)  # (N_test, C)
     counts = np.bincount(probabilities.argmax(1), minlength=len(LABELS))
     typer.echo(f"wrote {len(probabilities)} predictions to {out} (decision rule {rule.name}): " + ", ".join(
         f"{label} {count}" for label, count in zip(LABELS, counts)
@@ -356,7 +367,11 @@ def finetune(
     warmup: float = typer.Option(0.1, help="Share of steps spent warming up, then cosine/linear decay."),
     schedule: str = typer.Option("cosine", help="cosine | linear."),
     augment: bool = typer.Option(False, "--augment", help="Random resized crop, flip and colour jitter in training."),
+    loss: str = LossOption,
     class_weights: bool = typer.Option(False, "--class-weights"),
+    label_smoothing: float = typer.Option(
+        FitConfig.label_smoothing, help="Share of each target spread evenly over the classes, as in fit."
+    ),
     precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast; a grad scaler for fp16)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA)."),
     max_steps_per_epoch: int | None = typer.Option(None, min=1, help="Cap on optimiser steps per epoch."),
@@ -375,8 +390,8 @@ def finetune(
     config = FinetuneConfig(
         epochs=epochs, patience=patience, batch_size=batch_size, grad_accum=grad_accum, head_lr=head_lr,
         encoder_lr=encoder_lr, layer_decay=layer_decay, warmup=warmup, schedule=schedule, unfreeze=unfreeze,
-        augment=augment, precision=precision, compile=compile, class_weights=class_weights,
-        max_steps_per_epoch=max_steps_per_epoch, seed=seed, val_fraction=val_fraction,
+        augment=augment, precision=precision, compile=compile, loss=loss, class_weights=class_weights,
+        label_smoothing=label_smoothing, max_steps_per_epoch=max_steps_per_epoch, seed=seed, val_fraction=val_fraction,
     )
     torch_device = resolve_device(device)
     if precision == "fp16" and torch_device.type != "cuda":
@@ -404,9 +419,12 @@ FoldsOption = typer.Option(
     1, "--folds", min=1, help="Stratified K-fold cross-validation of train.txt (1 = one hold-out split)."
 )
 JobsOption = typer.Option(1, "--jobs", min=1, help="Configurations fitted in parallel worker processes.")
-SplitSeedOption = typer.Option(0, "--split-seed", help="Seeds the split: every configuration sees the same folds.")
+SplitSeedOption = typer.Option(
+    0, "--split-seed", help="Seeds the split: every configuration sees the same folds, those of fit --folds K "
+    "--split-seed S (fit's default split seed is its --seed; the default seeds, 0, agree).",
+)
 SetOption = typer.Option(
-    [], "--set", help="key=v1,v2 (repeatable): values of a fit or head option (FitConfig/HeadConfig field)."
+    [], "--set", help="key=v1,v2 (repeatable): a fit option or the head's option (FitConfig, the head's config)."
 )
 
 
@@ -493,6 +511,7 @@ def ablate(
 
 
 @app.command()
+@_one_line_errors
 def pipeline(
     data: Path = DataOption,
     cache: Path = CacheOption,
@@ -513,18 +532,20 @@ def pipeline(
     (benchmarks/ensemble.py) this fold ensemble beat a single head, and the K-fold report is a
     steadier estimate than one 10 % split.
     """
-    shared = ["--data", str(data), "--cache", str(cache)]
-    encoders = ["--text-encoder", text_encoder, "--image-encoder", image_encoder]  # predict reads them from the run
-    # Each stage runs as its own command, so every option left out keeps that command's default.
-    for args in (
-        ["extract", *shared, *encoders, "--device", device],
-        ["fit", *shared, *encoders, "--out", str(run), "--folds", str(folds), "--overwrite"],
-        ["predict", *shared, "--run", str(run), "--out", str(out)],
-    ):
-        typer.secho(f"$ python cli.py {' '.join(args)}", bold=True)
-        code = app(args, standalone_mode=False)
-        if code:
-            raise typer.Exit(code)
+    from extract.run import extract_data
+
+    shared = f"--data {data} --cache {cache}"
+    encoders = f"--text-encoder {text_encoder} --image-encoder {image_encoder}"  # predict reads them from the run
+    # Each stage is the command it prints, rerunnable as such: every option it leaves out keeps that command's default.
+    typer.secho(f"$ python cli.py extract {shared} {encoders} --device {device}", bold=True)
+    extract_data(data, cache, text_encoder, image_encoder, device=device, echo=typer.echo)
+    typer.secho(f"$ python cli.py fit {shared} {encoders} --out {run} --folds {folds} --overwrite", bold=True)
+    _fit_and_report(
+        data, cache, run, FitConfig().validate(), {}, folds=folds, split_seed=None, decision=None, overwrite=True,
+        text_encoder=text_encoder, image_encoder=image_encoder,
+    )
+    typer.secho(f"$ python cli.py predict {shared} --run {run} --out {out}", bold=True)
+    _submit_and_report([run], data, cache, out, None)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def fitted_probabilities(
 ) -> np.ndarray:
     """Class probabilities (N_test, C) of one head trained on ``train_rows``, selected on ``val_rows``."""
     features, labels = labelled.features, labelled.labels
-    trainer = HeadTrainer(FitConfig(head=head, seed=seed), labelled.head_config({})).fit(
+    trainer = HeadTrainer(FitConfig(head=head, seed=seed), labelled.head_config(head, {})).fit(
         features.subset(train_rows), labels[train_rows], features.subset(val_rows), labels[val_rows],
         progress=False,
     )
@@ -97,7 +97,7 @@ def fitted_on(
 ) -> list[np.ndarray]:
     """Probabilities (N_rows, C) of each row set, from one head trained on ``train_rows``, selected on ``val_rows``."""
     features, labels = labelled.features, labelled.labels
-    trainer = HeadTrainer(FitConfig(head=head, seed=seed), labelled.head_config({})).fit(
+    trainer = HeadTrainer(FitConfig(head=head, seed=seed), labelled.head_config(head, {})).fit(
         features.subset(train_rows), labels[train_rows], features.subset(val_rows), labels[val_rows],
         progress=False,
     )
@@ -112,7 +112,7 @@ def nested_rule_scores(
     The probabilities (keys ``fold{k}_members`` (K, N_held, C), ``fold{k}_out_of_fold`` and ``fold{k}_nested``
     (N_rest, C), ``fold{k}_held_out`` / ``fold{k}_rest`` row indices) let other rules be scored without refitting.
     """
-    labels, num_classes = labelled.labels, labelled.head_config({}).num_classes
+    labels, num_classes = labelled.labels, labelled.head_config(FitConfig.head, {}).num_classes
     methods: dict[str, list[dict[str, Any]]] = {}
     fitted: dict[str, list[dict[str, Any]]] = {}
     arrays: dict[str, np.ndarray] = {}

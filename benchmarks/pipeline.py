@@ -125,7 +125,8 @@ def bench_poolings(data: Path, cache: Path, text_encoder: str, image_encoder: st
         loaded = time.perf_counter() - started
         train_rows, val_rows = stratified_split(labelled.labels, FitConfig().val_fraction, FitConfig().seed)
         # Before pooling once: the same fixed-pooling head trained on the whole sequences, as every fit did.
-        sequences = HeadTrainer(FitConfig(), labelled.head_config({"text_pool": "mean", "image_pool": "mean"})).fit(
+        mean_pools = labelled.head_config(FitConfig.head, {"text_pool": "mean", "image_pool": "mean"})
+        sequences = HeadTrainer(FitConfig(), mean_pools).fit(
             labelled.features.subset(train_rows), labelled.labels[train_rows], labelled.features.subset(val_rows),
             labelled.labels[val_rows], progress=False,
         )
@@ -137,7 +138,8 @@ def bench_poolings(data: Path, cache: Path, text_encoder: str, image_encoder: st
         for name, pools in (("fixed (mean / mean)", "mean"), ("attention (the default)", "attention")):
             options = {"text_pool": pools, "image_pool": pools}
             started = time.perf_counter()
-            labelled.head_inputs(FitConfig(), labelled.head_config(options))  # pools once (kept for later fits)
+            # pools once (kept for later fits)
+            labelled.head_inputs(FitConfig(), labelled.head_config(FitConfig.head, options))
             pooled = time.perf_counter() - started
             result = fit_rows(
                 labelled, Path(scratch) / pools, FitConfig(), options, train_rows, val_rows, progress=False
@@ -181,7 +183,7 @@ def bench_flops(
     labelled = load_labelled(data, cache, text_encoder=text_encoder, image_encoder=image_encoder)
     config = FitConfig(head="cross-attention")
     torch.manual_seed(0)
-    model = create_head(config.head, labelled.head_config({})).train()
+    model = create_head(config.head, labelled.head_config(config.head, {})).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(0)
     batches = [

@@ -1,7 +1,7 @@
 """Defaults every entry point shares: the CLI's options, the Python API, finetune and the benchmarks.
 
 Kept free of imports so that ``python cli.py --help`` stays fast; the head and training defaults
-live in ``fusion.config`` (``FitConfig``, ``HeadConfig``).
+live in ``fusion.config`` (``FitConfig`` and each head's config).
 """
 
 from pathlib import Path

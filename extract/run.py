@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -15,10 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from extract.cache import CacheMismatchError, FeatureCache, cache_path, is_cached_unsharded, shard_path, stitch_shards
-from extract.dataset import BadImageError, read_split
+from extract.dataset import BadImageError, is_text_only, read_split
 from extract.decode import decode_images, read_raw_image, resolve_decoder
-from extract.distributed import Launch, all_gather, barrier
+from extract.device import resolve_device
+from extract.distributed import Launch, all_gather, barrier, join, leader_first
 from extract.encoders.base import Encoder, PatchImageEncoder
+from extract.ocr import extract_ocr
+from extract.registry import create_encoder, stream_names
 
 
 @dataclass
@@ -121,6 +125,71 @@ def extract_features(
         stitch_shards(path, launch.world_size)
     barrier()  # no rank goes on before the cache file is there
     return ExtractSummary(path, len(guids), sum(count for count, _ in ranks), [g for _, bad in ranks for g in bad])
+
+
+def extract_data(
+    data_dir: Path,
+    cache_root: Path,
+    text_encoder: str,
+    image_encoder: str,
+    *,
+    batch_size: int = 32,
+    max_tokens: int = 64,
+    normalize: str = "none",
+    device: str = "auto",
+    decode: str = "auto",
+    workers: int | None = None,
+    skip_bad: bool = False,
+    only: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> list[ExtractSummary]:
+    """Stage one as ``extract`` and ``pipeline`` run it: every encoder of both comma lists over every pair, resumable.
+
+    One function for both commands, so the pipeline's extraction is the command's, defaults included
+    (tests/test_cli.py pins the command's option defaults to these). A "+ocr" text encoder reads the
+    text inside the images first (cached, resumable); a text-only folder (texts.csv) gets its texts
+    encoded only. Under torchrun every process encodes its slice of the pairs (``extract_features``)
+    and only rank 0 calls ``echo``. ``only`` is "text", "image" or None (both).
+    """
+    kinds = {"text": (text_encoder, {"max_tokens": max_tokens, "normalize": normalize}), "image": (image_encoder, {})}
+    if only not in (None, *kinds):
+        raise ValueError(f"only={only!r}: expected 'text', 'image' or None")
+    launch = Launch.from_env()  # None unless a launcher started several processes
+    leader = launch is None or launch.leader  # the one process that prints
+    say = echo if leader else lambda _: None
+    torch_device = resolve_device(device)
+    guids = data_guids(data_dir)
+    if is_text_only(data_dir):
+        if only == "image":
+            raise ValueError(f"{data_dir}: a text-only folder (texts.csv) has no images to extract")
+        say(f"{data_dir}: text-only folder (texts.csv); extracting text only")
+        only = "text"
+    if launch is not None:  # this rank's GPU (cuda:LOCAL_RANK) or share of the cores, in the process group
+        torch_device = join(launch, torch_device)
+    where = torch_device if launch is None else f"{launch.world_size} processes ({torch_device.type})"
+    summaries = []
+    for kind, (names, options) in kinds.items():
+        if only not in (None, kind):
+            continue
+        for name in stream_names(names):
+            started = time.perf_counter()
+            encoder = create_encoder(kind, name, **options)
+            if getattr(encoder, "ocr", False):  # a "+ocr" text encoder: the OCR stage runs (or resumes) first
+                with leader_first(launch):  # the OCR file takes one writer: under torchrun, rank 0 reads every image
+                    ocr_texts = extract_ocr(data_dir, cache_root, guids, skip_bad=skip_bad, progress=leader)
+                encoder.ocr_texts.update(ocr_texts)
+                say(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
+            summary = extract_features(
+                encoder, data_dir, cache_root, guids=guids, batch_size=batch_size, device=torch_device,
+                skip_bad=skip_bad, num_workers=workers, decode=decode, launch=launch,
+            )
+            say(
+                f"{kind} {name}: {summary.encoded} new of {summary.total} pairs in "
+                f"{time.perf_counter() - started:.1f} s on {where} → {summary.path}"
+                + (f" ({len(summary.skipped)} skipped: {summary.skipped[:5]})" if summary.skipped else "")
+            )
+            summaries.append(summary)
+    return summaries
 
 
 def _encode_missing(

@@ -42,13 +42,13 @@ from extract.encoders.base import Encoder
 from extract.ocr import ocr_path, read_ocr
 from extract.registry import create_encoder
 from fusion.calibration import LogitAdjustment, stored_adjustment
-from fusion.config import FitConfig, HeadConfig, from_dict
+from fusion.config import FitConfig, from_dict
 from fusion.decision import DEFAULT_RULE, RULES, DecisionRule, PriorRule, create_rule, read_decision
 from fusion.explain import DEFAULT_STEPS, Explanation, Word, explain, merge_words
 from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, stream_descriptions
 from fusion.layers import normalise_features
 from fusion.pair_model import PairModel, RawPairs, build_encoders, predict_raw
-from fusion.registry import create_head
+from fusion.registry import create_run_head
 from fusion.run import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -359,7 +359,7 @@ def ensemble_decision(runs: Sequence[Path], decision: str | None = None, data_di
 def load_finetuned(run_dir: Path, config: dict[str, Any]) -> PairModel:
     """Encoders and head of a finetune run, with the weights it trained (model.pt holds all three)."""
     text, image = build_encoders(config["encoders"])
-    model = PairModel(text, image, create_head(config["fit"]["head"], from_dict(HeadConfig, config["head"]).validate()))
+    model = PairModel(text, image, create_run_head(config))
     weights = Path(run_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir}: no {WEIGHTS_FILE}; the finetune did not finish an epoch")

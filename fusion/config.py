@@ -1,7 +1,8 @@
-"""Configuration of a head and of its training, as plain dataclasses.
+"""Configuration of the heads and of their training, as plain dataclasses.
 
 Every field is a CLI option of ``fit`` (whose defaults are read from here) and a key of the
 run's ``config.json``; ``validate()`` runs before any work so that a bad value fails in a second.
+Each head takes its own config class, holding only its options (``BaseHeadConfig`` and subclasses).
 Nothing here imports torch, so the command line reads the defaults without loading it.
 """
 
@@ -10,45 +11,79 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-LOSSES = ("ce", "focal")
 MODALITIES = ("both", "text", "image")  # what the head sees; the other modality's mask is all False
+CACHE_SIZES = ("text_dim", "image_dim", "image_length", "num_classes")  # set from the caches and labels, not by hand
 
 
 @dataclass
-class HeadConfig:
+class BaseHeadConfig:
+    """What every head takes: the sizes of its inputs and outputs, its hidden size and dropout.
+
+    A head declares the subclass it takes as ``config_class`` (``fusion.registry``), so each head
+    has only its own options: ``--head gated --hidden 130`` is not held to an attention-only rule.
+    """
+
     text_dim: int = 384  # D_text of the text cache (set from the cache, not by hand)
     image_dim: int = 1280  # D_image of the image cache (set from the cache)
     image_length: int = 49  # P patches of the image cache (for learned positions)
     num_classes: int = 3
     hidden: int = 128  # D: both modalities are projected to this size first
-    num_heads: int = 4  # attention heads; must divide hidden
-    layers: int = 1  # attention blocks per branch
     dropout: float = 0.2
-    text_pool: str = "attention"  # last | first | mean | max | attention (5-fold best: results/)
-    image_pool: str = "attention"  # last | first | mean | max | attention (5-fold best: results/)
-    norm: str = "layer"  # layer | batch, inside the attention blocks
-    image_positions: str = "none"  # none | sinusoidal | learned, added to patches
 
-    def validate(self) -> HeadConfig:
-        from fusion.layers import NORMS, POSITIONS
-        from fusion.pooling import POOLINGS
-
-        for name, value, choices in (
-            ("text_pool", self.text_pool, POOLINGS),
-            ("image_pool", self.image_pool, POOLINGS),
-            ("norm", self.norm, NORMS),
-            ("image_positions", self.image_positions, POSITIONS),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by num_heads={self.num_heads}")
-        for name in ("hidden", "num_heads", "layers", "text_dim", "image_dim", "image_length", "num_classes"):
+    def validate(self) -> BaseHeadConfig:
+        for name in ("hidden", *CACHE_SIZES):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
+
+
+@dataclass
+class PooledHeadConfig(BaseHeadConfig):
+    """Heads that pool each modality to one vector (pooled.py, gated.py, late.py): how they pool."""
+
+    text_pool: str = "attention"  # last | first | mean | max | attention (5-fold best: results/)
+    image_pool: str = "attention"  # last | first | mean | max | attention (5-fold best: results/)
+    image_positions: str = "none"  # none | sinusoidal | learned, added to patches
+
+    def validate(self) -> PooledHeadConfig:
+        from fusion.layers import POSITIONS
+        from fusion.pooling import POOLINGS
+
+        super().validate()
+        for name, value, choices in (
+            ("text_pool", self.text_pool, POOLINGS),
+            ("image_pool", self.image_pool, POOLINGS),
+            ("image_positions", self.image_positions, POSITIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+        return self
+
+
+@dataclass
+class AttentionHeadConfig(PooledHeadConfig):
+    """Heads with attention blocks (cross_attention.py): the pooled heads' options plus the blocks'."""
+
+    num_heads: int = 4  # attention heads; must divide hidden
+    layers: int = 1  # attention blocks per branch
+    norm: str = "layer"  # layer | batch, inside the attention blocks
+
+    def validate(self) -> AttentionHeadConfig:
+        from fusion.layers import NORMS
+
+        super().validate()
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r} is not one of {list(NORMS)}")
+        for name in ("num_heads", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by num_heads={self.num_heads}")
+        return self
+
+
 
 
 @dataclass
@@ -59,10 +94,10 @@ class FitConfig:
     batch_size: int = 64
     lr: float = 5e-4  # AdamW learning rate
     weight_decay: float = 0.01
-    loss: str = "ce"  # ce | focal
+    loss: str = "ce"  # a name of the loss registry (fusion/losses.py; `fit --help` lists them)
     class_weights: bool = False  # weight the loss by inverse class frequency
-    label_smoothing: float = 0.0
-    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0  # share of each target spread evenly over the classes
+    focal_gamma: float = 2.0  # focal loss: (1 − p_true)^γ · CE; other losses ignore it
     balanced_sampling: bool = False  # draw training rows with probability ∝ 1 / class count (with replacement)
     logit_adjustment: bool = False  # subtract τ·log prior from the logits, τ tuned on validation (calibration.py)
     modalities: str = "both"  # both | text | image: the ablation masks the other modality out, in fit and predict
@@ -80,8 +115,7 @@ class FitConfig:
             raise ValueError(f"unknown head {self.head!r}; choose one of {head_names()}")
         if self.precision not in HEAD_PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {list(HEAD_PRECISIONS)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r} is not one of {list(LOSSES)}")
+        validate_loss(self.loss, self.label_smoothing, self.focal_gamma)
         if self.modalities not in MODALITIES:
             raise ValueError(f"modalities={self.modalities!r} is not one of {list(MODALITIES)}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -95,9 +129,19 @@ class FitConfig:
             raise ValueError(f"aux_per_epoch must be positive, got {self.aux_per_epoch}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         return self
+
+
+def validate_loss(loss: str, label_smoothing: float, focal_gamma: float) -> None:
+    """Refuse a loss the registry lacks or a bad loss option: fit and finetune share their loss options."""
+    from fusion.losses import loss_names
+
+    if loss not in loss_names():
+        raise ValueError(f"loss={loss!r} is not one of {loss_names()}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if focal_gamma < 0:
+        raise ValueError(f"focal_gamma must be at least 0, got {focal_gamma}")
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:

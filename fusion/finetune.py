@@ -27,12 +27,12 @@ from extract import defaults
 from extract.cache import check_identity
 from extract.dataset import LABELS
 from extract.run import default_workers
-from fusion.config import FitConfig, HeadConfig, from_dict
-from fusion.losses import classification_loss, inverse_frequency_weights
+from fusion.config import FitConfig, from_dict, validate_loss
+from fusion.losses import training_loss
 from fusion.metrics import evaluate, format_report
 from fusion.pair_model import PairModel, RawPairs, build_encoders, move_batch, predict_raw, save_pair_model
 from fusion.precision import autocast
-from fusion.registry import create_head
+from fusion.registry import create_run_head, head_config_from_dict
 from fusion.run import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, labelled_rows, prepare_run_dir, read_config, write_json
 from fusion.split import stratified_split
 
@@ -58,13 +58,17 @@ class FinetuneConfig:
     augment: bool = False  # random resized crop, flip and light colour jitter on training images
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
     compile: bool = False  # torch.compile the model (CUDA runs)
-    class_weights: bool = False
+    loss: str = FitConfig.loss  # a name of the loss registry (fusion/losses.py), trained as fit trains it
+    class_weights: bool = FitConfig.class_weights  # weight the loss by inverse class frequency
+    label_smoothing: float = FitConfig.label_smoothing
+    focal_gamma: float = FitConfig.focal_gamma  # focal loss only
     max_steps_per_epoch: int | None = None  # cap, for quick runs and benchmarks
     seed: int = 0
     val_fraction: float = 0.1
 
     def validate(self) -> FinetuneConfig:
         parse_unfreeze(self.unfreeze)
+        validate_loss(self.loss, self.label_smoothing, self.focal_gamma)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {list(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
@@ -199,13 +203,13 @@ def plan_run(
         for kind in ("text", "image"):
             # The head must start from the features it was fitted on: same encoder, weights, preprocessing.
             check_identity(Path(from_run), descriptions[kind], source["encoders"][kind])
-        head, head_config = source["fit"]["head"], source["head"]
+        head, head_values = source["fit"]["head"], source["head"]
         val_guids = source["val_guids"]
     else:
-        head_config = dataclasses.asdict(HeadConfig(
-            text_dim=text_encoder.dim, image_dim=image_encoder.dim, image_length=image_encoder.length,
-            num_classes=len(LABELS),
-        ).validate())
+        head_values = {
+            "text_dim": text_encoder.dim, "image_dim": image_encoder.dim, "image_length": image_encoder.length,
+            "num_classes": len(LABELS),
+        }
         _, val_rows = stratified_split(labels, config.val_fraction, config.seed)
         val_guids = [guids[r] for r in val_rows]
     return {
@@ -213,7 +217,8 @@ def plan_run(
         "labels": list(LABELS),
         "finetune": dataclasses.asdict(config),
         "fit": {"head": head},
-        "head": head_config,
+        # The head's own options only, also when the source run predates per-head configs and holds them all.
+        "head": dataclasses.asdict(head_config_from_dict(head, head_values, drop_foreign=True)),
         "encoders": descriptions,
         "from_run": str(from_run) if from_run is not None else None,
         "data_dir": str(Path(data_dir).resolve()),
@@ -259,7 +264,7 @@ def finetune_run(
         prepare_run_dir(out, overwrite)
         write_json(out / CONFIG_FILE, run_config)
     torch.manual_seed(config.seed)  # before the head is built, so the same seed starts from the same head
-    model = PairModel(text, image, create_head(run_config["fit"]["head"], from_dict(HeadConfig, run_config["head"])))
+    model = PairModel(text, image, create_run_head(run_config))
     if from_run is not None and not resume:
         model.head.load_state_dict(torch.load(Path(from_run) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return _train(model, data_dir, out, run_config, config, device, resume=resume, workers=workers, progress=progress)
@@ -295,9 +300,7 @@ def _train(
         optimizer, lr_schedule(steps_per_epoch * config.epochs, config.warmup, config.schedule)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    class_weights = (
-        inverse_frequency_weights(labels[train_rows], len(LABELS)).to(device) if config.class_weights else None
-    )
+    criterion = training_loss(config, labels[train_rows], len(LABELS), device)
     forward = torch.compile(model) if config.compile else model
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0, "history": [], "best_metrics": None}
     if resume:
@@ -328,7 +331,7 @@ def _train(
             targets = targets.to(device)
             with autocast(device, config.precision):
                 logits = forward(*move_batch(batch, device))  # (B, C)
-            loss = classification_loss(logits.float(), targets, class_weights=class_weights)
+            loss = criterion(logits.float(), targets)
             scaler.scale(loss / config.grad_accum).backward()
             if (index + 1) % config.grad_accum == 0 or index + 1 == batches:
                 scaler.unscale_(optimizer)

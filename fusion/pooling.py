@@ -21,7 +21,7 @@ from torch import nn
 from fusion.layers import PatchPositions, Projection
 
 if TYPE_CHECKING:
-    from fusion.config import HeadConfig
+    from fusion.config import PooledHeadConfig
 
 POOLINGS = ("last", "first", "mean", "max", "attention")
 FIXED_POOLINGS = ("last", "first", "mean", "max")  # no parameters: a fixed function of the encoder features
@@ -109,7 +109,7 @@ class PoolsInputs:
     modalities: tuple[str, ...]
 
     @classmethod
-    def input_poolings(cls, config: HeadConfig) -> dict[str, str]:
+    def input_poolings(cls, config: PooledHeadConfig) -> dict[str, str]:
         """Modality → fixed pooling, for each branch of this head that pools its raw inputs with one."""
         poolings = {"text": config.text_pool}
         if config.image_positions == "none":

@@ -21,12 +21,12 @@ import torch
 
 from extract.dataset import LABEL_TO_ID, LABELS, read_split
 from fusion.calibration import ADJUSTMENT_KEY, LogitAdjustment, log_prior, stored_adjustment, tune_tau
-from fusion.config import MODALITIES, FitConfig, HeadConfig, from_dict
+from fusion.config import MODALITIES, BaseHeadConfig, FitConfig, from_dict
 from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, load_text_features
 from fusion.metrics import cv_summary, evaluate, format_report
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, plot_confusion, plot_curves
-from fusion.registry import create_head, input_poolings
-from fusion.split import stratified_folds, stratified_split
+from fusion.registry import create_run_head, head_config_from_dict, input_poolings
+from fusion.split import fold_splits
 from fusion.train import HeadTrainer, predict_proba
 
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.pt", "metrics.json"
@@ -105,7 +105,7 @@ class LabelledFeatures:
         return self.auxiliary[aux_data]
 
     def head_inputs(
-        self, fit_config: FitConfig, head_config: HeadConfig
+        self, fit_config: FitConfig, head_config: BaseHeadConfig
     ) -> tuple[PairFeatures, tuple[PairFeatures, np.ndarray] | None]:
         """What a head of these configs trains on: every pair, and the auxiliary texts (or None).
 
@@ -117,12 +117,14 @@ class LabelledFeatures:
         aux = self.aux(fit_config.aux_data)
         return features, None if aux is None else (aux[0].pooled(poolings), aux[1])
 
-    def head_config(self, head_options: dict[str, Any]) -> HeadConfig:
-        """The head's config: sizes from the caches, the rest from ``head_options``."""
-        return HeadConfig(
-            text_dim=self.descriptions["text"]["dim"], image_dim=self.descriptions["image"]["dim"],
-            image_length=self.descriptions["image"]["length"], num_classes=len(LABELS), **head_options,
-        ).validate()
+    def head_config(self, head: str, head_options: dict[str, Any]) -> BaseHeadConfig:
+        """Head ``head``'s config: sizes from the caches, the rest from ``head_options``, which holds only options
+        it takes (``fusion.registry.head_options``): one it does not take fails rather than go unused."""
+        sizes = {
+            "text_dim": self.descriptions["text"]["dim"], "image_dim": self.descriptions["image"]["dim"],
+            "image_length": self.descriptions["image"]["length"], "num_classes": len(LABELS),
+        }
+        return head_config_from_dict(head, sizes | head_options)
 
 
 @dataclass
@@ -170,15 +172,19 @@ def fit_run(
     *,
     text_encoder: str,
     image_encoder: str,
+    split_seed: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> HeadTrainer:
-    """Split train.txt, train the head on cached features, and write the run folder."""
+    """Split train.txt (one stratified hold-out), train the head on cached features, and write the run folder.
+
+    ``split_seed`` seeds the split; None = ``fit_config.seed``, the one seed runs had before the split got its own.
+    """
     fit_config.validate()
     labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
-    train_rows, val_rows = stratified_split(labelled.labels, fit_config.val_fraction, fit_config.seed)
-    return fit_rows(
-        labelled, out, fit_config, head_options, train_rows, val_rows, overwrite=overwrite, progress=progress
+    split_seed = fit_config.seed if split_seed is None else split_seed
+    return fit_fold(
+        labelled, out, fit_config, head_options, split_seed=split_seed, overwrite=overwrite, progress=progress
     ).trainer
 
 
@@ -192,6 +198,7 @@ def fit_folds(
     folds: int,
     text_encoder: str,
     image_encoder: str,
+    split_seed: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     decision: str | None = None,
@@ -199,6 +206,8 @@ def fit_folds(
 ) -> list[RunResult]:
     """K-fold cross-validation of train.txt: a run per fold in ``out/fold-k``, ``out/cv.json``, ``out/decision.json``.
 
+    The folds are ``fit_fold``'s, as a sweep's: ``split_seed`` seeds them (None = ``fit_config.seed``, the one
+    seed runs had before the split got its own), so ``sweep --split-seed S`` scores a config on these very rows.
     Each fold's head is selected on its own validation fold; ``predict --run out`` combines the K heads'
     probabilities (a fold ensemble, so every labelled pair trains K − 1 of them) by the rule ``decision``
     (``fusion/decision.py``; default ``mean``, the plain average). ``decision.json`` stores the rules fitted
@@ -219,24 +228,25 @@ def fit_folds(
     )
 
     fit_config.validate()
+    if folds < 2:
+        raise ValueError(f"K-fold cross-validation needs folds ≥ 2, got {folds}; one hold-out split is fit_run")
     decision = create_rule(decision or DEFAULT_RULE).name  # an unknown name fails before any fit
     if decision == "bias" and fit_config.logit_adjustment:
         raise ValueError("decision rule 'bias' fits its own class offsets: do not combine it with logit_adjustment")
+    split_seed = fit_config.seed if split_seed is None else split_seed
     labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
     out = prepare_run_dir(out, overwrite)
-    splits = stratified_folds(labelled.labels, folds, fit_config.seed)
     results = [
-        fit_rows(
-            labelled, out / f"fold-{fold}", fit_config, head_options, train_rows, val_rows,
-            split={"folds": folds, "fold": fold, "seed": fit_config.seed}, progress=progress, plots=fold == 0,
-        )
-        for fold, (train_rows, val_rows) in enumerate(splits)
+        fit_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed, progress=progress)
+        for fold in range(folds)
     ]
     reports = [result.validation for result in results]
     write_json(out / CV_FILE, {
-        "folds": folds, "seed": fit_config.seed, "summary": cv_summary(reports), "validation": reports,
+        "folds": folds, "seed": fit_config.seed, "split_seed": split_seed, "summary": cv_summary(reports),
+        "validation": reports,
     })
     labels = labelled.labels
+    splits = fold_splits(labels, folds, fit_config.val_fraction, split_seed)  # the rows fit_fold fitted each fold on
     out_of_fold = np.zeros((len(labels), len(LABELS)))  # (N, C): each row by the one head that never trained on it
     for result, (_, val_rows) in zip(results, splits):
         out_of_fold[val_rows] = result.adjustment.apply(result.val_probabilities)
@@ -245,7 +255,7 @@ def fit_folds(
         "prior": PriorRule().fit(None, labels, len(LABELS)),
     }
     if decision == "bias":
-        head_config = labelled.head_config(head_options)
+        head_config = labelled.head_config(fit_config.head, head_options)
         features, aux = labelled.head_inputs(fit_config, head_config)
 
         def fit_predict(train_rows: np.ndarray, val_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -255,10 +265,42 @@ def fit_folds(
             )
             return predict_proba(trainer.model_, features.subset(rows))  # (N_rows, C)
 
-        nested = nested_ensemble_probabilities(labels, splits, fit_predict, bias_members, fit_config.seed)
+        nested = nested_ensemble_probabilities(labels, splits, fit_predict, bias_members, split_seed)
         rules["bias"] = BiasRule().fit(nested, labels)
     write_decision(out, rules, decision)
     return results
+
+
+def fit_fold(
+    labelled: LabelledFeatures,
+    out: Path,
+    fit_config: FitConfig,
+    head_options: dict[str, Any],
+    fold: int = 0,
+    *,
+    folds: int = 1,
+    split_seed: int,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Fit fold ``fold`` of the labelled rows' split and write its run: ``out/fold-<fold>`` (K ≥ 2), else ``out``.
+
+    The one place rows are split for a fit: ``folds`` stratified folds seeded by ``split_seed``, or one
+    stratified hold-out of ``fit_config.val_fraction`` when ``folds`` is 1 (``fusion.split.fold_splits``).
+    fit (``fit_run``, ``fit_folds``), pipeline, and sweep and ablate on every backend call it, so a config
+    with the same folds and split seed gets the same rows, the same fit and the same scores in each command.
+    """
+    train_rows, val_rows = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)[fold]
+    return fit_rows(
+        labelled, fold_dir(out, fold, folds), fit_config, head_options, train_rows, val_rows,
+        split={"folds": folds, "fold": fold, "seed": split_seed}, overwrite=overwrite, progress=progress,
+        plots=fold == 0,
+    )
+
+
+def fold_dir(out: Path, fold: int, folds: int) -> Path:
+    """The run folder ``fit_fold`` writes fold ``fold`` into: ``out/fold-<fold>`` of K ≥ 2 folds, else ``out``."""
+    return Path(out) / f"fold-{fold}" if folds > 1 else Path(out)
 
 
 def fit_rows(
@@ -279,7 +321,7 @@ def fit_rows(
     ``split`` describes where the rows came from (e.g. a fold of a sweep) for config.json.
     """
     fit_config.validate()
-    head_config = labelled.head_config(head_options)
+    head_config = labelled.head_config(fit_config.head, head_options)
     out = prepare_run_dir(out, overwrite)
     labels, guids = labelled.labels, labelled.guids
     config = {
@@ -342,8 +384,7 @@ def predict_run(run_dir: Path, model: torch.nn.Module, config: dict[str, Any], f
 def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a fitted head from its run folder alone."""
     config = read_config(run_dir)
-    fit_config = from_dict(FitConfig, config["fit"])
-    model = create_head(fit_config.head, from_dict(HeadConfig, config["head"]).validate())
+    model = create_run_head(config)
     weights = Path(run_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{run_dir}: no {WEIGHTS_FILE}; the fit did not finish")

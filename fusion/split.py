@@ -17,3 +17,16 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np
     """K disjoint stratified validation folds, each with the rest as its training rows."""
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def fold_splits(labels: np.ndarray, folds: int, val_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, validation rows) of every fold: K stratified folds for K ≥ 2, one hold-out of ``val_fraction``.
+
+    fit, sweep, ablate and pipeline all split here (through ``fusion.run.fit_fold``), so the same
+    ``folds``, ``val_fraction`` and ``seed`` give the same rows in every command.
+    """
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
+    if folds == 1:
+        return [stratified_split(labels, val_fraction, seed)]
+    return stratified_folds(labels, folds, seed)

@@ -1,7 +1,9 @@
 """Sweeps: fit every combination of a grid of ``fit`` options on features loaded once, ranked on validation.
 
-A grid maps option names (fields of ``FitConfig`` and ``HeadConfig``) to lists of values;
-a grid file may also hold a list of such mappings, whose combinations are joined. Each
+A grid maps option names (fields of ``FitConfig`` and of the heads' configs) to lists of values;
+a grid file may also hold a list of such mappings, whose combinations are joined. A head option
+is given only to the heads that take it: a grid crossing ``head`` with ``num_heads`` fits gated
+once and cross-attention once per value, and each trial's name shows only what its head took. Each
 combination is fitted on every fold of a seeded stratified K-fold split of train.txt
 (or on one stratified hold-out split when K = 1), and the leaderboard ranks the
 configurations by mean validation macro-F1. Every fit writes a normal run folder
@@ -20,7 +22,7 @@ The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``, ``leaderboard.pn
 
 Backends differ only in how the (configuration, fold) fits are executed: ``local`` fits them in
 this process or a fork-based pool (``--jobs``); ``ray`` makes each one a Ray Tune trial on a Ray
-cluster (``fusion/sweep_ray.py``, imported only then). Both call ``fit_fold`` and hand back the same
+cluster (``fusion/sweep_ray.py``, imported only then). Both call ``fit_task`` and hand back the same
 ``FoldResult``s, from which the same code writes the leaderboard and report.
 """
 
@@ -44,18 +46,21 @@ import torch
 import yaml
 
 from fusion.calibration import log_prior, tune_tau
-from fusion.config import FitConfig, HeadConfig
+from fusion.config import CACHE_SIZES, FitConfig
 from fusion.features import LoadedFeatures
 from fusion.metrics import METRICS, cv_summary, evaluate, mean_std, metric_of
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_leaderboard
-from fusion.run import LabelledFeatures, fit_rows, load_labelled, prepare_run_dir, write_json
-from fusion.split import stratified_folds, stratified_split
+from fusion.registry import head_class, head_config_from_dict, head_names, head_options
+from fusion.run import LabelledFeatures, fit_fold, fold_dir, load_labelled, prepare_run_dir, write_json
+from fusion.split import fold_splits
 
-CACHE_DERIVED = ("text_dim", "image_dim", "image_length", "num_classes")  # set from the cache, never swept
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
-HEAD_KEYS = tuple(f.name for f in fields(HeadConfig) if f.name not in CACHE_DERIVED)
+HEAD_CONFIGS = tuple(dict.fromkeys(head_class(name).config_class for name in head_names()))  # each class once
+HEAD_KEYS = tuple(dict.fromkeys(f.name for cls in HEAD_CONFIGS for f in fields(cls) if f.name not in CACHE_SIZES))
 ENCODER_KEYS = ("text_encoder", "image_encoder")  # which caches a trial reads; each distinct pair is loaded once
-FIELD_TYPES: dict[str, type] = get_type_hints(FitConfig) | get_type_hints(HeadConfig)  # int, float, bool or str
+FIELD_TYPES: dict[str, type] = get_type_hints(FitConfig) | {  # int, float, bool or str
+    key: kind for cls in HEAD_CONFIGS for key, kind in get_type_hints(cls).items()
+}
 BACKENDS = ("local", "ray")  # how the fits are executed; the results are the same
 SEARCHES = ("grid", "random", "optuna")  # grid: every combination; random/optuna: --trials samples of the ranges
 RANGE_KINDS = ("uniform", "loguniform", "choice")  # a range in a grid file: lr: {loguniform: [1e-4, 3e-3]}
@@ -82,7 +87,8 @@ Grid = dict[str, list[Any]]  # option → its values; in a search, one value may
 class SweepOptions:
     folds: int = 1  # 1 = one stratified hold-out split (val_fraction of each config); K ≥ 2 = stratified K-fold
     jobs: int = 1  # local: worker processes fitting in parallel; each gets cpu_count // jobs torch threads
-    split_seed: int = 0  # seeds the split; every configuration is scored on the same rows
+    split_seed: int = 0  # seeds the split (fusion.run.fit_fold): every configuration is scored on the same rows,
+    # those of `fit --folds K --split-seed S`
     backend: str = "local"  # local: this process or a fork pool; ray: every (configuration, fold) fit a Tune trial
     address: str | None = None  # ray: the cluster to join ("auto": the one `ray start` runs); None: that one if any,
     # else a Ray started here for the sweep
@@ -150,7 +156,7 @@ class FoldResult:
 
 def parse_value(key: str, value: Any) -> Any:
     """``value`` (a YAML/JSON value or a command-line string) as the type of option ``key``."""
-    if key in CACHE_DERIVED:
+    if key in CACHE_SIZES:
         raise ValueError(f"{key} is set from the cache and cannot be swept")
     if key not in FIELD_TYPES and key not in ENCODER_KEYS:
         raise ValueError(f"unknown sweep key {key!r}; choose from {sorted(FIT_KEYS + HEAD_KEYS + ENCODER_KEYS)}")
@@ -225,30 +231,34 @@ def plan_trials(grids: list[Grid], encoders: tuple[str, str] = ("", "")) -> list
     """Every combination of every sub-grid, in order, each config validated now.
 
     A combination equal to an earlier one once the defaults are filled in is dropped, so sub-grids that
-    vary one option each around a shared base fit that base once. A trial is named by the options it
-    sets that vary across the grid. ``encoders`` are the sweep's (text, image) encoders, the default
-    of the grid keys ``text_encoder`` and ``image_encoder``.
+    vary one option each around a shared base fit that base once. A head option the combination's head
+    does not take is dropped from it first (``num_heads`` for gated), so such values fit that head once.
+    A trial is named by the options it sets that vary across the grid. ``encoders`` are the sweep's
+    (text, image) encoders, the default of the grid keys ``text_encoder`` and ``image_encoder``.
     """
     for grid in grids:
         for key, values in grid.items():
             if any(isinstance(value, Range) for value in values):
                 raise ValueError(f"{key} is a search range: sample it with --search random|optuna --backend ray")
-    defaults = asdict(FitConfig()) | asdict(HeadConfig()) | dict(zip(ENCODER_KEYS, encoders))
+    head_defaults = {key: value for cls in HEAD_CONFIGS for key, value in asdict(cls()).items()}
+    defaults = asdict(FitConfig()) | head_defaults | dict(zip(ENCODER_KEYS, encoders))
     combos: dict[str, dict[str, Any]] = {}  # resolved options (as JSON) → the first combination giving them
     for grid in grids:
         for values in itertools.product(*grid.values()):
             combo = dict(zip(grid, values))
+            taken = head_options(combo.get("head", FitConfig.head))
+            combo = {key: value for key, value in combo.items() if key not in HEAD_KEYS or key in taken}
             combos.setdefault(json.dumps(defaults | combo, sort_keys=True), combo)
     keys = list(dict.fromkeys(key for combo in combos.values() for key in combo))
     varying = [key for key in keys if len({repr(combo.get(key, defaults[key])) for combo in combos.values()}) > 1]
     trials = []
     for index, combo in enumerate(combos.values()):
         fit_config = FitConfig(**{k: v for k, v in combo.items() if k in FIT_KEYS}).validate()
-        head_options = {k: v for k, v in combo.items() if k in HEAD_KEYS}
-        HeadConfig(**head_options).validate()
+        options = {k: v for k, v in combo.items() if k in HEAD_KEYS}
+        head_config_from_dict(fit_config.head, options)  # validated now, at the default sizes
         name = " ".join(f"{key}={combo[key]}" for key in varying if key in combo) or "defaults"
         pair = tuple(combo.get(key, defaults[key]) for key in ENCODER_KEYS)
-        trials.append(Trial(index, name, combo, fit_config, head_options, pair))
+        trials.append(Trial(index, name, combo, fit_config, options, pair))
     return trials
 
 
@@ -298,26 +308,24 @@ Executor = Callable[[SweepInputs, list[Task], Done], None]  # fits every task, c
 
 
 def trial_splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train rows, validation rows) of every fold: the same for every trial, except hold-outs of other sizes."""
-    if options.folds == 1:
-        return [stratified_split(labels, trial.fit_config.val_fraction, options.split_seed)]
-    return stratified_folds(labels, options.folds, options.split_seed)
+    """(train rows, validation rows) of every fold, as ``fit_task`` fits them: the same for every trial, except
+    hold-outs of other sizes."""
+    return fold_splits(labels, options.folds, trial.fit_config.val_fraction, options.split_seed)
 
 
-def fit_fold(inputs: SweepInputs, trial: Trial, fold: int) -> FoldResult:
-    """Fit ``trial`` on fold ``fold`` and write its run folder: the one fit every backend executes."""
-    labelled = inputs.labelled[trial.encoders]
-    options = inputs.options
-    train_rows, val_rows = trial_splits(labelled.labels, trial, options)[fold]
-    run = inputs.out / "runs" / trial.folder
-    run = run / f"fold-{fold}" if options.folds > 1 else run
-    result = fit_rows(
-        labelled, run, trial.fit_config, trial.head_options, train_rows, val_rows,
-        split={"folds": options.folds, "fold": fold, "seed": options.split_seed}, progress=False, plots=fold == 0,
+def fit_task(inputs: SweepInputs, trial: Trial, fold: int) -> FoldResult:
+    """Fit ``trial`` on fold ``fold`` into ``runs/<trial>/``: the one fit every backend executes.
+
+    The split and the fit are ``fusion.run.fit_fold``'s, as for ``fit --folds K --split-seed S``.
+    """
+    options, trial_dir = inputs.options, inputs.out / "runs" / trial.folder
+    result = fit_fold(
+        inputs.labelled[trial.encoders], trial_dir, trial.fit_config, trial.head_options, fold,
+        folds=options.folds, split_seed=options.split_seed, progress=False,
     )
     return FoldResult(
-        trial.index, fold, str(run), result.validation, result.val_probabilities, result.trainer.fit_seconds_,
-        result.parameters, result.trainer.best_epoch_, result.adjustment.tau,
+        trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation, result.val_probabilities,
+        result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_, result.adjustment.tau,
     )
 
 
@@ -327,14 +335,14 @@ _SHARED: dict[str, SweepInputs] = {}
 
 
 def _fit_shared(task: Task) -> FoldResult:
-    return fit_fold(_SHARED["inputs"], *task)
+    return fit_task(_SHARED["inputs"], *task)
 
 
 def fit_locally(inputs: SweepInputs, tasks: list[Task], done: Done) -> None:
     """The local backend: the tasks in order, in this process or in ``options.jobs`` forked processes."""
     if inputs.options.jobs == 1:
         for position, task in enumerate(tasks):
-            done(position, fit_fold(inputs, *task))
+            done(position, fit_task(inputs, *task))
         return
     threads = max(1, (os.cpu_count() or 1) // inputs.options.jobs)
     _SHARED["inputs"] = inputs
@@ -563,7 +571,7 @@ def sweep_from_cache(
                 data_dir, cache_root, text_encoder=text, image_encoder=image, loaded=loaded
             )
         pairs = labelled[trial.encoders]
-        pairs.head_inputs(trial.fit_config, pairs.head_config(trial.head_options))
+        pairs.head_inputs(trial.fit_config, pairs.head_config(trial.fit_config.head, trial.head_options))
     with contextlib.ExitStack() as session:
         if space is not None:  # one Ray session for the search and the K-fold fits of the configurations it keeps
             from fusion.sweep_ray import connected, search

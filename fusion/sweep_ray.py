@@ -4,7 +4,7 @@
 sweep's inputs (the loaded, already pooled features of every encoder pair) go into Ray's object
 store once, torch tensors as numpy buffers, so every trial on a node maps the same memory instead of
 unpickling a copy or re-reading a cache. Each trial requests ``cpus_per_trial`` CPUs and no GPU (the
-heads train on CPU), trains with as many torch threads, runs ``fusion.sweep.fit_fold`` (the local
+heads train on CPU), trains with as many torch threads, runs ``fusion.sweep.fit_task`` (the local
 backend's fit: same run folder, same seeds, same numbers) and reports its ``FoldResult``, which
 this process collects as trials end; ``fusion.sweep`` then ranks and reports them as it does
 the local ones.
@@ -45,7 +45,7 @@ from fusion.sweep import (
     SweepInputs,
     Task,
     Trial,
-    fit_fold,
+    fit_task,
     plan_trials,
     sampled_options,
     trial_splits,
@@ -113,7 +113,7 @@ def _trial_setup(shared: ray.ObjectRef, cpus: int, cwd: str) -> Any:
 def _fit_task(config: dict[str, Any], *, shared: ray.ObjectRef, cpus: int, cwd: str) -> None:
     """One Tune trial: fit task ``config["task"]`` of the shared task list and report its ``FoldResult``."""
     inputs, tasks = _trial_setup(shared, cpus, cwd)
-    result = fit_fold(inputs, *tasks[config["task"]])
+    result = fit_task(inputs, *tasks[config["task"]])
     tune.report({METRIC: result.validation["macro_f1"], RESULT_KEY: result})
 
 
@@ -160,7 +160,7 @@ def _screen(config: dict[str, Any], *, shared: ray.ObjectRef, cpus: int, cwd: st
     labelled = inputs.labelled[trial.encoders]
     labels = labelled.labels
     train_rows, val_rows = trial_splits(labels, trial, inputs.options)[0]
-    head_config = labelled.head_config(trial.head_options)
+    head_config = labelled.head_config(trial.fit_config.head, trial.head_options)
     features, aux = labelled.head_inputs(trial.fit_config, head_config)
     trainer = HeadTrainer(trial.fit_config, head_config).fit(
         features.subset(train_rows), labels[train_rows], features.subset(val_rows), labels[val_rows], aux=aux,

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fusion.config import FitConfig, HeadConfig
+from fusion.config import BaseHeadConfig, FitConfig
 from fusion.features import JoinedFeatures, PairFeatures
-from fusion.losses import classification_loss, inverse_frequency_weights
+from fusion.losses import training_loss
 from fusion.metrics import evaluate
 from fusion.precision import autocast, resolve_head_precision
 from fusion.registry import create_head
@@ -28,7 +28,7 @@ class HeadTrainer:
     ``precision_``, the training precision ``auto`` resolved to). Validation and prediction run in fp32.
     """
 
-    def __init__(self, fit_config: FitConfig, head_config: HeadConfig):
+    def __init__(self, fit_config: FitConfig, head_config: BaseHeadConfig):
         self.fit_config = fit_config
         self.head_config = head_config
 
@@ -55,9 +55,7 @@ class HeadTrainer:
         self.precision_ = resolve_head_precision(config.precision)
         model = create_head(config.head, self.head_config)
         optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr, fused=True)
-        class_weights = (
-            inverse_frequency_weights(y_train, self.head_config.num_classes) if config.class_weights else None
-        )
+        criterion = training_loss(config, y_train, self.head_config.num_classes)
         targets = torch.as_tensor(y_train, dtype=torch.long)
         rows_of: PairFeatures | JoinedFeatures = train
         if aux is not None:
@@ -79,10 +77,7 @@ class HeadTrainer:
                     rows = rows.sort().values  # pairs first, auxiliary texts after: no reordering of the batch
                 with autocast(torch.device("cpu"), self.precision_):
                     logits = model(*rows_of.batch(rows, model.modalities)).float()  # (B, C)
-                loss = classification_loss(
-                    logits, targets[rows], kind=config.loss, class_weights=class_weights,
-                    label_smoothing=config.label_smoothing, focal_gamma=config.focal_gamma,
-                )
+                loss = criterion(logits, targets[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

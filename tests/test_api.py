@@ -29,7 +29,7 @@ from fusion.config import FitConfig
 from fusion.explain import EXPLANATION_FILES, explain
 from fusion.run import with_modalities
 
-TINY_HEAD = ("--epochs", 2, "--hidden", 8, "--num-heads", 2, "--batch-size", 8)
+TINY_HEAD = ("--epochs", 2, "--hidden", 8, "--batch-size", 8)
 
 
 class SizeReader:
@@ -172,7 +172,7 @@ def test_predict_explain_writes_the_heatmap_words_and_json(cached, tmp_path):
 
 
 def test_fit_from_python_is_the_cli_fit(cached, tmp_path):
-    spec = FitSpec(cached["text"], cached["image"], FitConfig(epochs=2, batch_size=8), {"hidden": 8, "num_heads": 2})
+    spec = FitSpec(cached["text"], cached["image"], FitConfig(epochs=2, batch_size=8), {"hidden": 8})
     run = fit(spec, tmp_path / "api", data=cached["data"], cache=cached["cache"], folds=2)
     fit_by_cli(cached, tmp_path / "cli", "--folds", 2)
     cv = [json.loads((tmp_path / name / "cv.json").read_text()) for name in ("api", "cli")]

@@ -24,7 +24,7 @@ from fusion.features import JoinedFeatures, PairFeatures
 from fusion.run import fit_run, load_labelled, read_config
 from fusion.sweep import SweepOptions, sweep_from_cache
 
-TINY = {"hidden": 8, "num_heads": 2}
+TINY = {"hidden": 8}
 
 
 def write_texts(folder: Path, rows: list[tuple[str, str, str]], header: str = "guid,text,tag") -> Path:

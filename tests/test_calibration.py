@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fusion.calibration import TAUS, LogitAdjustment, log_prior, stored_adjustment, tune_tau
-from fusion.config import FitConfig, HeadConfig
+from fusion.config import AttentionHeadConfig, FitConfig
 from fusion.features import PairFeatures
 from fusion.run import with_modalities
 from fusion.sampling import epoch_order
@@ -92,7 +92,7 @@ def test_fit_follows_the_balanced_sampling_option():
         torch.ones(n, 3, dtype=torch.bool), torch.from_numpy(rng.normal(size=(n, 2, 5))).half(),
         torch.ones(n, 2, dtype=torch.bool),
     )
-    head = HeadConfig(text_dim=4, image_dim=5, image_length=2, hidden=8, num_heads=2)
+    head = AttentionHeadConfig(text_dim=4, image_dim=5, image_length=2, hidden=8, num_heads=2)
     train, val = features.subset(np.arange(20, n)), features.subset(np.arange(20))
     fits = {
         balanced: HeadTrainer(FitConfig(head="concat", epochs=2, batch_size=16, balanced_sampling=balanced), head)

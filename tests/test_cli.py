@@ -27,7 +27,7 @@ runner = CliRunner()
 MAX_TOKENS = 16
 RUN_FILES = ("config.json", "model.pt", "metrics.json", "confusion_matrix.csv", "report.txt")
 # A tiny head, so that a fit takes a fraction of a second.
-FIT_OPTIONS = ("--epochs", 3, "--hidden", 8, "--num-heads", 2, "--batch-size", 8)
+FIT_OPTIONS = ("--epochs", 3, "--hidden", 8, "--batch-size", 8)
 POST = re.compile(r"(\w+)  positive=([\d.]+)  neutral=([\d.]+)  negative=([\d.]+)")
 
 
@@ -303,3 +303,17 @@ def test_a_damaged_cache_or_weights_file_is_one_line_with_the_fix(cached, data_d
     image_cache.write_bytes(image_cache.read_bytes()[:4096])  # an interrupted copy
     one_line_error(invoke("fit", *cached, "--out", tmp_path / "again", *FIT_OPTIONS), str(image_cache), "extract")
     assert not submission.exists()
+
+
+def test_pipeline_extracts_with_the_extract_command_defaults():
+    """pipeline calls extract_data with its defaults: they must be the extract command's."""
+    import inspect
+
+    from extract.run import extract_data
+
+    options = {param.name: param.default for param in COMMANDS["extract"].params}
+    defaults = {
+        name: param.default for name, param in inspect.signature(extract_data).parameters.items()
+        if param.default is not inspect.Parameter.empty and name != "echo"
+    }
+    assert defaults and {name: options[name] for name in defaults} == defaults

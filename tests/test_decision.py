@@ -214,7 +214,7 @@ def test_fit_folds_fits_the_bias_on_nested_ensembles(cached, data_dir, tmp_path)
     run = tmp_path / "cv"
     fit_config = FitConfig(epochs=3, batch_size=8)
     encoders = {"text_encoder": str(cached[5]), "image_encoder": str(cached[7])}
-    fit_folds(data_dir, cached[3], run, fit_config, {"hidden": 8, "num_heads": 2}, folds=3, decision="bias",
+    fit_folds(data_dir, cached[3], run, fit_config, {"hidden": 8}, folds=3, decision="bias",
               progress=False, **encoders)
     default, rules = read_decision(run)
     assert default == "bias" and len(rules["bias"].bias) == 3 and rules["bias"].bias[0] == 0.0

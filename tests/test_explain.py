@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fusion.config import HeadConfig
+from fusion.config import AttentionHeadConfig
 from fusion.explain import Explanation, Word, explain, merge_words, patch_grid, render_patches, words_html
 from fusion.registry import create_head, head_names
 
@@ -83,7 +83,7 @@ def test_default_target_is_the_prediction_and_probabilities_are_the_heads():
 
 def make_head(name: str) -> nn.Module:
     torch.manual_seed(0)
-    config = HeadConfig(text_dim=TEXT_DIM, image_dim=IMAGE_DIM, image_length=P, hidden=HIDDEN, num_heads=2)
+    config = AttentionHeadConfig(text_dim=TEXT_DIM, image_dim=IMAGE_DIM, image_length=P, hidden=HIDDEN, num_heads=2)
     head = create_head(name, config.validate())
     with torch.no_grad():  # move away from the initialisation's symmetric, zero-bias point
         for parameter in head.parameters():

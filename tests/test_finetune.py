@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -21,10 +22,11 @@ import cli
 import fusion.finetune as finetune
 from extract.dataset import LABELS, TEST_FILE, image_path, read_text
 from extract.registry import create_text_encoder
-from fusion.config import HeadConfig
+from fusion import losses
+from fusion.config import PooledHeadConfig
 from fusion.finetune import CHECKPOINT_FILE, FinetuneConfig, augmentation, finetune_run, set_trainable
 from fusion.pair_model import PairModel, RawPairs, predict_raw
-from fusion.registry import create_head
+from fusion.registry import create_head, create_run_head, head_config_from_dict
 
 CPU = torch.device("cpu")
 MAX_TOKENS = 16
@@ -117,8 +119,8 @@ def test_one_step_trains_encoders_only_when_unfrozen(unfreeze, data_dir, tmp_pat
 
 
 def tiny_pair_model(text, image) -> PairModel:
-    config = HeadConfig(text_dim=text.dim, image_dim=image.dim, image_length=image.length, hidden=8, num_heads=2)
-    return PairModel(text, image, create_head("concat", config.validate()))
+    sizes = {"text_dim": text.dim, "image_dim": image.dim, "image_length": image.length, "hidden": 8}
+    return PairModel(text, image, create_head("concat", head_config_from_dict("concat", sizes)))
 
 
 # The tiny BERT has 3 blocks (embeddings, 2 layers), the tiny ResNet-18 8 (4 with parameters).
@@ -213,7 +215,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, fresh_encoders, monkeypatc
 def test_precision_on_cpu_and_a_checkpoint_per_epoch(precision, dtype, data_dir, tmp_path, fresh_encoders,
                                                      monkeypatch):
     logits_dtypes, checkpoints = [], []
-    create = finetune.create_head
+    create = finetune.create_run_head
 
     def create_and_watch(*args, **kwargs):
         head = create(*args, **kwargs)
@@ -227,7 +229,7 @@ def test_precision_on_cpu_and_a_checkpoint_per_epoch(precision, dtype, data_dir,
             checkpoints.append(obj["state"]["epoch"])
         return save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(finetune, "create_head", create_and_watch)
+    monkeypatch.setattr(finetune, "create_run_head", create_and_watch)
     monkeypatch.setattr(torch, "save", save_and_count)
     out = tmp_path / "run"
     metrics = run(data_dir, out, fresh_encoders(), precision=precision, epochs=2, patience=5, unfreeze="top-1")
@@ -262,7 +264,7 @@ def fitted_run(data_dir, tmp_path, encoder_options) -> Path:
     succeeded(invoke("extract", *shared, *encoder_options, "--max-tokens", MAX_TOKENS, "--workers", 0))
     out = tmp_path / "fit-run"
     succeeded(invoke("fit", *shared, *encoder_options, "--out", out, "--head", "concat", "--hidden", 8,
-                     "--num-heads", 2, "--epochs", 2, "--seed", 7, "--val-fraction", 0.25))
+                     "--epochs", 2, "--seed", 7, "--val-fraction", 0.25))
     return out
 
 
@@ -281,6 +283,41 @@ def test_from_run_reuses_head_weights_and_split(fitted_run, data_dir, tmp_path, 
     fit_weights = torch.load(fitted_run / "model.pt", weights_only=True)
     assert initial_heads[0].keys() == fit_weights.keys()
     assert all(torch.equal(initial_heads[0][key], value) for key, value in fit_weights.items())
+
+
+def test_from_an_old_run_keeps_only_its_heads_options(fitted_run, data_dir, tmp_path, fresh_encoders, initial_heads):
+    """A fit run written when every head stored every option: the finetune's config.json keeps the head's own."""
+    path = fitted_run / "config.json"
+    source = json.loads(path.read_text())
+    source["head"] |= {"num_heads": 4, "layers": 1, "norm": "layer"}  # what such a run held besides concat's options
+    path.write_text(json.dumps(source))
+    out = tmp_path / "finetuned"
+    finetune_run(data_dir, out, tiny_config(), device=CPU, from_run=fitted_run, encoders=fresh_encoders(), workers=0,
+                 progress=False)
+    head = json.loads((out / "config.json").read_text())["head"]
+    assert set(head) == {field.name for field in dataclasses.fields(PooledHeadConfig)}
+    fit_weights = torch.load(fitted_run / "model.pt", weights_only=True)
+    assert all(torch.equal(initial_heads[0][key], value) for key, value in fit_weights.items())
+
+
+def test_finetune_trains_with_the_loss_and_options_fit_takes(data_dir, tmp_path, encoder_options, monkeypatch):
+    calls = []
+    focal = losses.LOSSES["focal"]
+
+    def spy(logits: torch.Tensor, targets: torch.Tensor, options: losses.LossOptions) -> torch.Tensor:
+        calls.append(options)
+        return focal(logits, targets, options)
+
+    monkeypatch.setitem(losses.LOSSES, "focal", spy)
+    out = tmp_path / "focal"
+    finetune_by_cli(data_dir, out, encoder_options, "--loss", "focal", "--label-smoothing", 0.1, "--class-weights")
+    assert calls and all(o.label_smoothing == 0.1 and o.class_weights is not None for o in calls)
+    config = json.loads((out / "config.json").read_text())["finetune"]
+    assert (config["loss"], config["label_smoothing"], config["focal_gamma"]) == ("focal", 0.1, 2.0)
+
+    refused = invoke("finetune", "--data", data_dir, "--out", tmp_path / "hinge", *encoder_options, "--loss", "hinge")
+    assert refused.exit_code == 1 and "error: loss='hinge' is not one of ['ce', 'focal']" in refused.output
+    assert not (tmp_path / "hinge").exists()
 
 
 def test_from_run_refuses_other_encoders(fitted_run, data_dir, tmp_path, tiny_text_encoder_dir, tiny_image_encoder):
@@ -325,7 +362,7 @@ def test_finetuned_run_predicts(data_dir, data_spec, tmp_path, encoder_options, 
     # The same predictions from the saved weights, rebuilt here by hand.
     text, image = fresh_encoders()
     config = json.loads((out / "config.json").read_text())
-    model = PairModel(text, image, create_head(config["fit"]["head"], HeadConfig(**config["head"])))
+    model = PairModel(text, image, create_run_head(config))
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     expected = predict_raw(model, RawPairs(model, data_dir, data_spec.test), device=CPU).argmax(1)
     assert [tags[guid] for guid in data_spec.test] == [LABELS[i] for i in expected]

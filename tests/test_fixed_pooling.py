@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.config import FitConfig, HeadConfig
+from fusion.config import AttentionHeadConfig, FitConfig
 from fusion.features import PairFeatures
 from fusion.pooling import FIXED_POOLINGS, POOLINGS
 from fusion.registry import create_head, head_names, input_poolings
@@ -33,8 +33,8 @@ def make_features(seed: int = 0) -> tuple[PairFeatures, np.ndarray]:
     return features, labels
 
 
-def head_config(**options) -> HeadConfig:
-    return HeadConfig(text_dim=TEXT_DIM, image_dim=IMAGE_DIM, image_length=P, hidden=8, num_heads=2, **options)
+def head_config(**options) -> AttentionHeadConfig:
+    return AttentionHeadConfig(text_dim=TEXT_DIM, image_dim=IMAGE_DIM, image_length=P, hidden=8, num_heads=2, **options)
 
 
 POOLED_HEADS = [name for name in head_names() if input_poolings(name, head_config(text_pool="mean", image_pool="mean"))]

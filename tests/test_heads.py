@@ -1,14 +1,18 @@
-"""Every registered head at odd tiny sizes: shapes, gradients, and masks that really mask."""
+"""Every registered head at odd tiny sizes: shapes, gradients, and masks that really mask; each head's own config."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
 
 import pytest
 import torch
 
-from fusion.config import HeadConfig
+from fusion.config import AttentionHeadConfig, FitConfig, PooledHeadConfig
 from fusion.layers import NORMS, POSITIONS, AttentionBlock
 from fusion.pooling import POOLINGS
-from fusion.registry import create_head, head_names
+from fusion.registry import HEADS, create_head, head_config_from_dict, head_names, head_options
+from fusion.run import load_head
 
 B, T, P, C = 4, 5, 3, 3  # batch, tokens, patches, classes
 TEXT_DIM, IMAGE_DIM, HIDDEN, NUM_HEADS = 8, 6, 8, 2
@@ -27,7 +31,7 @@ def make_head(name: str, norm: str = "layer", positions: str = "none", **overrid
         "norm": norm,
         "image_positions": positions,
     } | overrides
-    head = create_head(name, HeadConfig(**values).validate())
+    head = create_head(name, head_config_from_dict(name, values, drop_foreign=True))  # num_heads, norm: attention only
     with torch.no_grad():  # zero-initialised biases and unit norm scales could hide a padding leak
         for parameter in head.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.3)
@@ -178,7 +182,7 @@ def test_attention_block_keeps_padding_exactly_zero(cross):
 
 def test_unknown_head_lists_the_names():
     with pytest.raises(ValueError, match="no-such-head") as error:
-        create_head("no-such-head", HeadConfig())
+        create_head("no-such-head", PooledHeadConfig())
     for name in head_names():
         assert name in str(error.value)
 
@@ -196,12 +200,70 @@ def test_unknown_head_lists_the_names():
     ],
 )
 def test_head_config_validate_rejects(field, value, message):
-    config = HeadConfig(hidden=8, num_heads=2)
+    config = AttentionHeadConfig(hidden=8, num_heads=2)
     setattr(config, field, value)
     with pytest.raises(ValueError, match=message):
         config.validate()
 
 
 def test_head_config_validate_accepts_and_returns_itself():
-    config = HeadConfig(hidden=8, num_heads=2, text_pool="attention", norm="batch", image_positions="learned")
+    config = AttentionHeadConfig(hidden=8, num_heads=2, text_pool="attention", norm="batch", image_positions="learned")
     assert config.validate() is config
+
+
+# ---------------------------------------------------------------- each head's own config
+
+# config.json's "head" before each head had its own config: every option of every head, for every head.
+OLD_HEAD_KEYS = {
+    "text_dim": TEXT_DIM, "image_dim": IMAGE_DIM, "image_length": P, "num_classes": C, "hidden": HIDDEN,
+    "num_heads": 4, "layers": 1, "dropout": 0.2, "text_pool": "attention", "image_pool": "attention", "norm": "layer",
+    "image_positions": "none",
+}
+
+
+@pytest.mark.parametrize("name", head_names())
+def test_each_head_takes_its_own_config_class(name):
+    config = head_config_from_dict(name, {})
+    assert type(config) is HEADS[name].config_class
+    assert head_options(name) == [f.name for f in fields(config) if f.name not in ("text_dim", "image_dim",
+                                                                                     "image_length", "num_classes")]
+    assert create_head(name, config).config is config
+
+
+def test_only_attention_heads_need_num_heads_to_divide_hidden():
+    assert head_config_from_dict("gated", {"hidden": 130}).hidden == 130
+    assert "num_heads" not in asdict(head_config_from_dict("concat", {"hidden": 130}))
+    with pytest.raises(ValueError, match="hidden=130 is not divisible by num_heads=4"):
+        head_config_from_dict("cross-attention", {"hidden": 130, "num_heads": 4})
+    with pytest.raises(ValueError, match="num_heads must be at least 1"):  # not a ZeroDivisionError
+        AttentionHeadConfig(num_heads=0).validate()
+
+
+def test_an_option_the_head_does_not_take_is_refused_naming_its_options():
+    message = "head 'concat' does not take num_heads, norm; its options are hidden, dropout, text_pool, image_pool, "
+    with pytest.raises(ValueError, match=message + "image_positions$"):
+        head_config_from_dict("concat", {"num_heads": 8, "norm": "batch", "hidden": 16})
+    # A sweep crossing heads, or an old config.json, drops the options of other heads, but never a typo.
+    assert head_config_from_dict("concat", {"num_heads": 8, "hidden": 16}, drop_foreign=True).hidden == 16
+    with pytest.raises(ValueError, match="does not take hiden"):
+        head_config_from_dict("concat", {"hiden": 16}, drop_foreign=True)
+    with pytest.raises(ValueError, match="takes a AttentionHeadConfig, not a PooledHeadConfig"):
+        create_head("cross-attention", PooledHeadConfig())
+
+
+@pytest.mark.parametrize("name", head_names())
+def test_a_run_with_the_old_full_head_keys_loads_and_predicts_the_same(name, tmp_path):
+    """A run folder written when every head took one config with every option loads into the very same head."""
+    torch.manual_seed(0)
+    old = create_head(name, AttentionHeadConfig(**OLD_HEAD_KEYS).validate()).eval()  # how every head was built
+    torch.manual_seed(0)
+    new = create_head(name, head_config_from_dict(name, OLD_HEAD_KEYS, drop_foreign=True)).eval()
+    assert list(new.state_dict()) == list(old.state_dict())  # same parameters, created in the same order
+    assert all(torch.equal(new.state_dict()[key], value) for key, value in old.state_dict().items())
+
+    torch.save(old.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"fit": asdict(FitConfig(head=name)), "head": OLD_HEAD_KEYS}))
+    loaded, _ = load_head(tmp_path)
+    assert set(asdict(loaded.config)) == {f.name for f in fields(HEADS[name].config_class)}  # its own options only
+    with torch.no_grad():
+        assert torch.equal(loaded(*make_inputs()), old(*make_inputs()))

@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from extract.dataset import LABELS
-from fusion.losses import classification_loss, inverse_frequency_weights
+from fusion import losses
+from fusion.config import FitConfig
+from fusion.finetune import FinetuneConfig
+from fusion.losses import LossOptions, classification_loss, inverse_frequency_weights, register_loss, training_loss
 from fusion.metrics import evaluate, format_report
 from fusion.split import stratified_folds, stratified_split
+from fusion.train import HeadTrainer
+from tests.test_train import fit, head_config, make_data
 
 
 def toy_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +73,54 @@ def test_focal_loss_is_below_cross_entropy():
 
 def test_unknown_loss_is_refused():
     logits, targets = toy_batch()
-    with pytest.raises(ValueError, match="'hinge'.*'ce' or 'focal'"):
+    with pytest.raises(ValueError, match=r"'hinge'.*\['ce', 'focal'\]"):
         classification_loss(logits, targets, kind="hinge")
+    for config in (FitConfig, FinetuneConfig):
+        with pytest.raises(ValueError, match=r"loss='hinge' is not one of \['ce', 'focal'\]"):
+            config(loss="hinge").validate()
+        with pytest.raises(ValueError, match="focal_gamma must be at least 0"):
+            config(loss="focal", focal_gamma=-1.0).validate()
+
+
+@pytest.mark.parametrize("kind", ["ce", "focal"])
+def test_training_loss_is_the_registered_loss_with_the_config_options(kind):
+    """fit and finetune train through ``training_loss``: the registry's loss, their options, weights from labels."""
+    logits, targets = toy_batch()
+    labels = np.array([0, 0, 0, 1, 2, 2])
+    for config in (FitConfig(loss=kind, class_weights=True, label_smoothing=0.1, focal_gamma=1.5),
+                   FinetuneConfig(loss=kind, class_weights=True, label_smoothing=0.1, focal_gamma=1.5)):
+        expected = classification_loss(
+            logits, targets, kind=kind, class_weights=inverse_frequency_weights(labels, 3), label_smoothing=0.1,
+            focal_gamma=1.5,
+        )
+        torch.testing.assert_close(training_loss(config, labels, 3)(logits, targets), expected, rtol=0, atol=0)
+
+
+@pytest.fixture
+def brier(monkeypatch) -> list[int]:
+    """A new loss, registered as a user would (one function, one line), in a copy of the registry."""
+    monkeypatch.setattr(losses, "LOSSES", dict(losses.LOSSES))
+    calls = []
+
+    @register_loss("brier")
+    def brier_score(logits: torch.Tensor, targets: torch.Tensor, options: LossOptions) -> torch.Tensor:
+        calls.append(len(targets))
+        one_hot = torch.nn.functional.one_hot(targets, logits.shape[1]).to(logits.dtype)  # (B, C)
+        return (torch.softmax(logits, dim=-1) - one_hot).square().sum(1).mean()
+
+    return calls
+
+
+def test_a_registered_loss_is_accepted_and_trained_with_by_fit(brier):
+    assert "brier" in losses.loss_names()
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("brier")(classification_loss)
+    data = make_data()
+    trainer = HeadTrainer(FitConfig(head="concat", loss="brier", epochs=2).validate(), head_config())
+    trainer.fit(*data, progress=False)
+    assert sum(brier) == 2 * len(data[1])  # every training row of both epochs went through the new loss
+    assert fit(data, loss="brier").val_metrics_["macro_f1"] > 0.9  # and it learns
+    FinetuneConfig(loss="brier").validate()
 
 
 def test_inverse_frequency_weights_favour_rare_classes():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.config import FitConfig, HeadConfig
+from fusion.config import AttentionHeadConfig, FitConfig
 from fusion.features import PairFeatures
 from fusion.precision import cpu_has_bf16_units, resolve_head_precision
 from fusion.train import HeadTrainer
@@ -38,7 +38,7 @@ def test_bf16_training_runs_and_stays_close_to_fp32(monkeypatch):
     image = torch.randn(n, 3, 6, generator=generator).half()  # (N, P, D_image)
     features = PairFeatures([str(i) for i in range(n)], text, torch.ones(n, 4, dtype=torch.bool), image,
                             torch.ones(n, 3, dtype=torch.bool))
-    head = HeadConfig(text_dim=8, image_dim=6, image_length=3, hidden=8, num_heads=2)
+    head = AttentionHeadConfig(text_dim=8, image_dim=6, image_length=3, hidden=8, num_heads=2)
     train, val = np.arange(60), np.arange(60, n)
     fits = {}
     for precision in ("fp32", "bf16"):

@@ -37,7 +37,7 @@ from fusion.sweep import (
 from fusion.train import predict_proba
 
 # A tiny head and few epochs: each fit takes a fraction of a second.
-TINY = {"hidden": [8], "num_heads": [2], "epochs": [3], "batch_size": [8]}
+TINY = {"hidden": [8], "epochs": [3], "batch_size": [8]}
 GRID_2X2 = TINY | {"head": ["concat", "gated"], "text_pool": ["last", "mean"]}
 SCORE_COLUMNS = ("rank", "config", "macro_f1_mean", "macro_f1_std", "accuracy_mean", "weighted_f1_mean",
                  "neutral_recall_mean", "parameters", "best_epoch", "tau")
@@ -149,7 +149,7 @@ def test_grid_files_yaml_json_and_a_list_of_grids(tmp_path):
 
 def test_invalid_combinations_fail_before_any_fit():
     with pytest.raises(ValueError, match="hidden=8 is not divisible by num_heads=3"):
-        plan_trials([{"hidden": [8], "num_heads": [2, 3]}])
+        plan_trials([{"head": ["cross-attention"], "hidden": [8], "num_heads": [2, 3]}])
     with pytest.raises(ValueError, match="unknown head 'nope'"):
         plan_trials([{"head": ["concat", "nope"]}])
 
@@ -366,3 +366,41 @@ def test_a_reused_memo_answers_only_the_rows_it_was_filled_with(tiny_cache):
         assert reused.guids == guids and torch.equal(reused.text, fresh.text) and torch.equal(reused.image, fresh.image)
     same, _ = load_pair_features(cache_root, data_dir, train, *encoders, loaded=memo)
     assert len(memo) == 6 and same.text.shape[0] == len(train)  # the first call's entries were reused, not reread
+
+
+def test_fit_and_sweep_with_one_split_seed_fit_the_same_folds_to_the_same_scores(tiny_cache, tmp_path):
+    """One K-fold layer: fit --folds 5 --seed 1 --split-seed 0 fits sweep --set seed=1 --split-seed 0's folds.
+
+    Without --split-seed, fit splits with its --seed, as every fit did before the split had a seed of its own.
+    """
+    tiny = {key: values[0] for key, values in TINY.items() if key != "num_heads"}  # the gated head has no num_heads
+    fit_options = [arg for key, value in tiny.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+    def fit(out: Path, *seeds: str) -> Path:
+        result = CliRunner().invoke(cli.app, [
+            "fit", *cli_args(tiny_cache), "--out", str(out), "--folds", "5", *seeds, *fit_options,
+        ])
+        assert result.exit_code == 0, result.output
+        return out
+
+    fitted = fit(tmp_path / "fit", "--seed", "1", "--split-seed", "0")
+    swept = CliRunner().invoke(cli.app, [
+        "sweep", *cli_args(tiny_cache), "--out", str(tmp_path / "sweep"), "--folds", "5", "--set", "seed=1",
+        "--split-seed", "0", *(arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")),
+    ])
+    assert swept.exit_code == 0, swept.output
+    (trial,) = (tmp_path / "sweep" / "runs").iterdir()
+    folds = [f"fold-{k}" for k in range(5)]
+    for fold in folds:
+        assert read_config(fitted / fold)["val_guids"] == read_config(trial / fold)["val_guids"], fold
+        assert read_config(fitted / fold)["split"] == read_config(trial / fold)["split"]
+        assert read_metrics(fitted / fold)["validation"]["macro_f1"] == read_metrics(trial / fold)["validation"][
+            "macro_f1"], fold
+    cv = json.loads((fitted / "cv.json").read_text())
+    assert (cv["seed"], cv["split_seed"]) == (1, 0)
+
+    default = fit(tmp_path / "default", "--seed", "1")  # split seed = seed = 1: other folds
+    assert read_config(default / "fold-0")["split"] == {"folds": 5, "fold": 0, "seed": 1}
+    assert [read_config(default / fold)["val_guids"] for fold in folds] != [
+        read_config(fitted / fold)["val_guids"] for fold in folds
+    ]

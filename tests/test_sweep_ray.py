@@ -100,7 +100,6 @@ def test_bad_backend_options_are_one_line_errors(tiny_cache, tmp_path, options, 
 
 SPACE = """# tiny heads; the search samples lr and picks a head
 hidden: 8
-num_heads: 2
 epochs: 3
 batch_size: 8
 head: [concat, gated]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.config import FitConfig, HeadConfig
+from fusion.config import AttentionHeadConfig, FitConfig
 from fusion.features import PairFeatures
 from fusion.metrics import evaluate
 from fusion.registry import head_names
@@ -43,7 +43,7 @@ def make_data(labels: np.ndarray | None = None, signal: float = 1.5):
     return features.subset(train_rows), labels[train_rows], features.subset(val_rows), labels[val_rows]
 
 
-def head_config(**overrides) -> HeadConfig:
+def head_config(**overrides) -> AttentionHeadConfig:
     values = {
         "text_dim": TEXT_DIM,
         "image_dim": IMAGE_DIM,
@@ -53,7 +53,7 @@ def head_config(**overrides) -> HeadConfig:
         "num_heads": 2,
         "dropout": 0.1,
     } | overrides
-    return HeadConfig(**values).validate()
+    return AttentionHeadConfig(**values).validate()
 
 
 def fit(data, head: str = "concat", **overrides) -> HeadTrainer:

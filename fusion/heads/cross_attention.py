@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.config import HeadConfig
+from fusion.config import AttentionHeadConfig
 from fusion.layers import AttentionBlock, PatchPositions, Projection
 from fusion.pooling import Pool
 from fusion.registry import register_head
 
 
-def _stack(config: HeadConfig) -> nn.ModuleList:
+def _stack(config: AttentionHeadConfig) -> nn.ModuleList:
     return nn.ModuleList(
         AttentionBlock(config.hidden, config.num_heads, config.dropout, config.norm, cross=False)
         for _ in range(config.layers)
@@ -31,9 +31,10 @@ def _stack(config: HeadConfig) -> nn.ModuleList:
 
 @register_head("cross-attention")
 class CrossAttentionHead(nn.Module):
+    config_class = AttentionHeadConfig
     modalities = ("text", "image")
 
-    def __init__(self, config: HeadConfig):
+    def __init__(self, config: AttentionHeadConfig):
         super().__init__()
         self.config = config
         D = config.hidden

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.config import HeadConfig
+from fusion.config import PooledHeadConfig
 from fusion.layers import PatchPositions, Projection, classifier
 from fusion.pooling import Pool, PoolsInputs, project_and_pool
 from fusion.registry import register_head
@@ -24,9 +24,10 @@ from fusion.registry import register_head
 
 @register_head("gated")
 class GatedHead(PoolsInputs, nn.Module):
+    config_class = PooledHeadConfig
     modalities = ("text", "image")
 
-    def __init__(self, config: HeadConfig):
+    def __init__(self, config: PooledHeadConfig):
         super().__init__()
         self.config = config
         D = config.hidden

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusion.config import HeadConfig
+from fusion.config import PooledHeadConfig
 from fusion.heads.pooled import ImageOnlyHead, TextOnlyHead
 from fusion.pooling import PoolsInputs
 from fusion.registry import register_head
@@ -17,9 +17,10 @@ from fusion.registry import register_head
 
 @register_head("late")
 class LateHead(PoolsInputs, nn.Module):
+    config_class = PooledHeadConfig  # both halves' options: text-only reads the text ones, image-only the image ones
     modalities = ("text", "image")
 
-    def __init__(self, config: HeadConfig):
+    def __init__(self, config: PooledHeadConfig):
         super().__init__()
         self.config = config
         self.text_head = TextOnlyHead(config)
