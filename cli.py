@@ -548,5 +548,42 @@ def pipeline(
     _submit_and_report([run], data, cache, out, None)
 
 
+@app.command()
+@_one_line_errors
+def serve(
+    run: list[Path] = typer.Option(
+        defaults.RUN_DIR, "--run", help="Run folder to serve (fit, finetune, or a K-fold folder; repeat to combine)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs --token or --insecure."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    token: str | None = typer.Option(
+        None, "--token", envvar="MMSENT_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every request (the "
+        "page: open /?token=TOKEN). Also read from $MMSENT_TOKEN.",
+    ),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow binding beyond loopback without a token."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="Largest image upload accepted."),
+    max_text_chars: int = typer.Option(2000, "--max-text-chars", min=1, help="Longest post text accepted."),
+    decision: str | None = typer.Option(None, "--decision", help="Decision rule of an ensemble (as predict)."),
+    data: Path = DataOption,
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda."),
+) -> None:
+    """Serve a trained run over HTTP: a web page at /, POST /predict and /predict/batch, docs at /docs.
+
+    The run's encoders and heads load once, before the first request; uploads stay in memory.
+    """
+    import uvicorn
+
+    from fusion.api import Run
+    from serve.app import Limits, check_binding, create_app
+
+    check_binding(host, token, insecure)
+    started = time.perf_counter()
+    loaded = Run.load(run, decision=decision, data_dir=data, device=device)
+    for encoders in loaded.encoder_sets.values():
+        encoders.build(loaded.device)  # now, not on the first request
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_text_chars=max_text_chars)
+    typer.echo(f"loaded {loaded} in {time.perf_counter() - started:.1f} s; serving on http://{host}:{port}/")
+    uvicorn.run(create_app(loaded, token=token, limits=limits), host=host, port=port, log_level="warning")
+
 if __name__ == "__main__":
     sys.exit(app())

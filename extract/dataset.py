@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -157,11 +158,18 @@ def load_image(path: Path | BinaryIO, guid: str = "?") -> Image.Image:
     if isinstance(path, (str, Path)) and not name.is_file():
         raise BadImageError(guid, name, "file not found")
     try:
-        with Image.open(name if isinstance(path, (str, Path)) else path) as image:
-            image.load()
-            return rgb_image(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise BadImageError(guid, name, str(error) or type(error).__name__) from error
+        with warnings.catch_warnings():
+            # PIL only warns between its pixel limit and twice that; past the limit is refused, not decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(name if isinstance(path, (str, Path)) else path) as image:
+                image.load()
+                return rgb_image(image)
+    except (
+        UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning
+    ) as error:
+        # PIL names an unknown format by the file object it was given (an address, for an upload): say what it means
+        reason = "unknown image format" if isinstance(error, UnidentifiedImageError) else str(error)
+        raise BadImageError(guid, name, reason or type(error).__name__) from error
 
 
 def rgb_image(image: Image.Image) -> Image.Image:

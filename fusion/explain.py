@@ -334,6 +334,7 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
+        os.chmod(name, 0o644)  # mkstemp's 0600 would hide the picture from a web server or another user
         write(Path(name))
         os.replace(name, path)
     except BaseException:
