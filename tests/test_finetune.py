@@ -118,6 +118,17 @@ def test_one_step_trains_encoders_only_when_unfrozen(unfreeze, data_dir, tmp_pat
             assert not moved, f"{prefix} changed while frozen: {moved[:5]}"
 
 
+def test_batch_norm_statistics_stay_frozen_while_the_image_encoder_trains(data_dir, tmp_path, fresh_encoders):
+    text, image = fresh_encoders()
+    before = clone(image.state_dict())
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert any(name.endswith(statistics) for name in before)  # the tiny ResNet has batch norms
+    run(data_dir, tmp_path / "run", (text, image), unfreeze="all")
+    moved = changed(before, part(torch.load(tmp_path / "run" / "model.pt", weights_only=True), "image_encoder"))
+    assert any(name.endswith("weight") for name in moved)  # the encoder trained
+    assert [name for name in moved if name.endswith(statistics)] == []
+
+
 def tiny_pair_model(text, image) -> PairModel:
     sizes = {"text_dim": text.dim, "image_dim": image.dim, "image_length": image.length, "hidden": 8}
     return PairModel(text, image, create_head("concat", head_config_from_dict("concat", sizes)))
