@@ -28,7 +28,8 @@ app = typer.Typer(
 
 
 DataOption = typer.Option(
-    defaults.DATA_DIR, "--data", help="Data folder: train.txt, test_without_label.txt, data/{guid}.txt|.jpg."
+    defaults.DATA_DIR, "--data", help="Data folder (train.txt, test_without_label.txt, data/{guid}.txt|.jpg), or a "
+    "manifest: .csv, .jsonl or .parquet with columns guid,text,image,label (images relative to it; no label = test)."
 )
 CacheOption = typer.Option(defaults.CACHE_ROOT, "--cache", help="Root folder of the HDF5 feature caches.")
 TextEncoderOption = typer.Option(
@@ -294,8 +295,19 @@ def predict(
         None, "--explain", help="With --text/--image: write which words and image regions pushed the prediction to "
         "this folder (explanation.json, patches.png, words.html; Integrated Gradients on the head's inputs).",
     ),
+    chunk_rows: int = typer.Option(
+        4096, "--chunk-rows", min=1, help="Test rows read, labelled and appended to OUT.part at a time (memory is "
+        "bounded by it); a rerun after a crash resumes from OUT.part. Under torchrun, each process labels a slice.",
+    ),
 ) -> None:
-    """Write the submission for test_without_label.txt, or label one new post (--text and --image)."""
+    """Write the submission for test_without_label.txt, or label one new post (--text and --image).
+
+    The submission streams: a chunk of test rows at a time goes from the cache to OUT.part, which
+    becomes OUT at the end; an interrupted predict, rerun the same, resumes. Under torchrun
+    (torchrun --nproc-per-node N -- cli.py predict …; the "--" keeps torchrun from reading --run)
+    each process labels a slice into OUT.rank-k.part and rank 0 joins them in input order. The
+    prior rule needs every row at once: one pass, no resume.
+    """
     from fusion.api import Post, Run
     from fusion.decision import RULES
     from fusion.explain import write_explanation
@@ -323,23 +335,28 @@ def predict(
         return
     if out is None:
         raise typer.BadParameter("give --out FILE for the submission, or --text and --image for one post")
-    _submit_and_report(run, data, cache, out, decision)
+    _submit_and_report(run, data, cache, out, decision, chunk_rows)
 
 
-def _submit_and_report(runs: list[Path], data: Path, cache: Path, out: Path, decision: str | None) -> None:
-    """Write the submission of ``runs`` and print how many rows went to each class (predict, pipeline)."""
-    import numpy as np
+def _submit_and_report(
+    runs: list[Path], data: Path, cache: Path, out: Path, decision: str | None, chunk_rows: int = 4096
+) -> None:
+    """Write the submission of ``runs`` and print how many rows went to each class (predict, pipeline).
 
+    Under torchrun only rank 0 prints: the other ranks return once their slice is written.
+    """
     from extract.dataset import LABELS
     from fusion.api import ensemble_decision
-    from fusion.predict import predict_submission
+    from fusion.predict import stream_submission
 
     rule = ensemble_decision(runs, decision, data)
-    probabilities = predict_submission(runs, data, cache, out, rule)  # (N_test, C)
-    counts = np.bincount(probabilities.argmax(1), minlength=len(LABELS))
-    typer.echo(f"wrote {len(probabilities)} predictions to {out} (decision rule {rule.name}): " + ", ".join(
-        f"{label} {count}" for label, count in zip(LABELS, counts)
-    ))
+    summary = stream_submission(runs, data, cache, out, rule, chunk_rows=chunk_rows)
+    if summary is None:
+        return
+    resumed = f"; {summary.resumed} of them kept from an interrupted run's part file" if summary.resumed else ""
+    typer.echo(f"wrote {summary.rows} predictions to {out} (decision rule {rule.name}): " + ", ".join(
+        f"{label} {count}" for label, count in zip(LABELS, summary.counts)
+    ) + resumed)
 
 
 @app.command()

@@ -328,7 +328,9 @@ def load_features(path: Path, guids: list[str], expected: dict[str, Any] | None 
                 f"{path}: {len(missing)} guids are not cached (e.g. {missing[:3]}); run `python cli.py extract` again"
             )
         rows = np.array([row_of[g] for g in guids], dtype=np.int64)
-        # One sequential read beats h5py's per-row fancy indexing by far when most rows are wanted.
-        features = handle["features"][: len(stored)][rows]  # (N, L, D)
-        mask = handle["mask"][: len(stored)][rows]  # (N, L)
+        # One sequential read of the rows' span beats h5py's per-row fancy indexing by far when most of it is
+        # wanted; reading the span, not the whole file, bounds the memory of a chunk of a large cache (predict).
+        low, high = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+        features = handle["features"][low:high][rows - low]  # (N, L, D)
+        mask = handle["mask"][low:high][rows - low]  # (N, L)
     return CachedFeatures(list(guids), features, mask, description)

@@ -4,18 +4,24 @@ A data folder holds ``train.txt`` and ``test_without_label.txt`` (CSV ``guid,tag
 and ``data/{guid}.txt`` / ``data/{guid}.jpg``. A *text-only* folder (extra labelled
 tweets without images, e.g. mvsa-multiple-text) holds one ``texts.csv`` (UTF-8,
 ``guid,text,tag``) instead: its rows are its train split and it has no test split.
-Everything that reads those files lives here, so that bad input fails in one place
-with one clear message.
+A *manifest* (a ``.csv``, ``.jsonl`` or ``.parquet`` file with columns ``guid, text, image,
+label``) stands for a data folder where two files per post do not scale: the text is inline,
+the image a path relative to the manifest, rows with a label are the train split and rows
+without one (empty, ``null``) the test split. Everything that reads those files lives here, so
+that bad input fails in one place with one clear message, and every stage takes any of the
+three wherever it takes a data folder.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -25,6 +31,8 @@ UNLABELLED = "null"
 TRAIN_FILE = "train.txt"
 TEST_FILE = "test_without_label.txt"
 TEXTS_FILE = "texts.csv"
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+MANIFEST_COLUMNS = ("guid", "text", "image", "label")
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,133 @@ def is_text_only(data_dir: Path) -> bool:
     return (Path(data_dir) / TEXTS_FILE).is_file() and not (Path(data_dir) / TRAIN_FILE).is_file()
 
 
+def is_manifest(data: Path) -> bool:
+    """Whether ``--data`` names a manifest file (by its suffix) rather than a data folder."""
+    return Path(data).suffix.lower() in MANIFEST_SUFFIXES and not Path(data).is_dir()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest read and checked once: its rows in file order, and each guid's text and image file."""
+
+    path: Path
+    rows: list[LabelledGuid]  # tag UNLABELLED for a row without a label (the test split)
+    texts: dict[str, str]  # guid → text, whitespace collapsed as decode_text does for a text file
+    images: dict[str, Path]  # guid → image file (relative paths resolved against the manifest's folder)
+
+    def lookup(self, column: dict[str, Any], guid: str) -> Any:
+        if guid not in column:
+            raise FileNotFoundError(f"guid {guid}: not in {self.path}")
+        return column[guid]
+
+
+def _manifest(data: Path) -> Manifest | None:
+    """The manifest ``data`` names (read once per version of the file), or None for a data folder.
+
+    Every reader asks this first, so a manifest is accepted wherever a data folder is.
+    """
+    if not is_manifest(data):
+        return None
+    path = Path(data).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{data}: manifest not found")
+    stat = path.stat()
+    return _read_manifest(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_manifest(path: Path, mtime_ns: int, size: int) -> Manifest:
+    """Check every record as the label files are checked (a typo cannot pass), keyed by the file's version.
+
+    Columns beyond the four are ignored. A label is one of LABELS, or empty / ``null`` for a test row.
+    """
+    rows: list[LabelledGuid] = []
+    texts: dict[str, str] = {}
+    images: dict[str, Path] = {}
+    seen: dict[str, int] = {}
+    unit = "row" if path.suffix.lower() == ".parquet" else "line"
+    for where, line, record in _manifest_records(path):
+        guid = "" if record["guid"] is None else str(record["guid"]).strip()
+        if not guid:
+            raise ValueError(f"{where}: empty guid")
+        if guid in seen:
+            raise ValueError(f"{where}: duplicate guid {guid} (first on {unit} {seen[guid]})")
+        seen[guid] = line
+        label = "" if record["label"] is None else str(record["label"]).strip()
+        if label not in (*LABELS, "", UNLABELLED):
+            raise ValueError(
+                f"{where}: unknown label {label!r} for guid {guid}; expected one of {sorted(LABELS)}, or empty "
+                f"(or {UNLABELLED}) for a test row"
+            )
+        text, image = record["text"], record["image"]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{where}: text of guid {guid} is {type(text).__name__} {text!r}, not a string")
+        if not isinstance(image, str) or not image.strip():
+            raise ValueError(f"{where}: guid {guid} has no image path (got {image!r})")
+        image_file = path.parent / image.strip()
+        if not image_file.is_file():
+            raise FileNotFoundError(f"{where}: guid {guid} has no image file {image_file}")
+        rows.append(LabelledGuid(guid, label or UNLABELLED, line))
+        texts[guid] = " ".join((text or "").split())
+        images[guid] = image_file
+    return Manifest(path, rows, texts, images)
+
+
+def _manifest_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Each record of a manifest as (where, line or row number, its four columns), blank lines skipped.
+
+    ``where`` is ``file:line`` for CSV (the line the record starts on) and JSON lines, ``file: row N`` for Parquet.
+    """
+    expected = ",".join(MANIFEST_COLUMNS)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [cell.strip() for cell in next(reader, [])]
+            _check_columns(f"{path}:1", header, expected)
+            start = reader.line_num + 1
+            for row in reader:
+                line, start = start, reader.line_num + 1  # a quoted text may span lines: name the first
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}:{line}: expected {len(header)} columns {','.join(header)!r}, got {row!r}")
+                yield f"{path}:{line}", line, dict(zip(header, row))
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8-sig") as handle:
+            for line, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{line}: not a JSON object ({error.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+                _check_columns(f"{path}:{line}", list(record), expected)
+                yield f"{path}:{line}", line, record
+    else:
+        import pyarrow.parquet as pq  # with ray[tune] (requirements.txt); only Parquet manifests need it
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as error:  # pyarrow's errors have no common base short of Exception
+            raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
+        _check_columns(str(path), table.schema_arrow.names, expected)
+        row = 0
+        for batch in table.iter_batches(columns=list(MANIFEST_COLUMNS)):
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path}: row {row}", row, record
+
+
+def _check_columns(where: str, columns: list[str], expected: str) -> None:
+    missing = [column for column in MANIFEST_COLUMNS if column not in columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; a manifest has the columns {expected!r}, got "
+                         f"{','.join(columns)!r}")
+
+
 @functools.lru_cache(maxsize=4)
 def _texts_table(path: Path) -> tuple[list[LabelledGuid], dict[str, str]]:
     """``texts.csv`` read once: its rows in file order, and guid → text."""
@@ -88,11 +223,14 @@ def _texts_table(path: Path) -> tuple[list[LabelledGuid], dict[str, str]]:
 
 
 def read_split(data_dir: Path, split: str) -> list[LabelledGuid]:
-    """Rows of ``train`` (labelled) or ``test`` (tags ``null``), checked against ``data/``."""
+    """Rows of ``train`` (labelled) or ``test`` (tags ``null``), checked against ``data/`` or the manifest's images."""
     data_dir = Path(data_dir)
     files = {"train": (TRAIN_FILE, False), "test": (TEST_FILE, True)}
     if split not in files:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(files)}")
+    manifest = _manifest(data_dir)
+    if manifest is not None:
+        return [row for row in manifest.rows if (row.tag == UNLABELLED) == (split == "test")]
     if is_text_only(data_dir):
         return list(_texts_table((data_dir / TEXTS_FILE).resolve())[0]) if split == "train" else []
     name, allow_unlabelled = files[split]
@@ -111,6 +249,9 @@ def text_path(data_dir: Path, guid: str) -> Path:
 
 
 def image_path(data_dir: Path, guid: str) -> Path:
+    manifest = _manifest(data_dir)
+    if manifest is not None:
+        return manifest.lookup(manifest.images, guid)
     return Path(data_dir) / "data" / f"{guid}.jpg"
 
 
@@ -124,6 +265,9 @@ def decode_text(raw: bytes) -> str:
 
 
 def read_text(data_dir: Path, guid: str) -> str:
+    manifest = _manifest(data_dir)
+    if manifest is not None:
+        return manifest.lookup(manifest.texts, guid)
     if is_text_only(data_dir):
         text = _texts_table((Path(data_dir) / TEXTS_FILE).resolve())[1].get(guid)
         if text is None:

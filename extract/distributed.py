@@ -4,8 +4,10 @@
 ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (SLURM ``srun`` or Kubernetes launchers can set the same
 variables, with ``MASTER_ADDR`` and ``MASTER_PORT``). Under such a launcher ``extract`` gives every
 rank a contiguous slice of the guids to encode into a shard file of its own, and rank 0 stitches the
-shards into the one cache file the later stages read (extract/run.py, extract/cache.py). Without
-those variables, or with a single process, nothing here runs and extraction stays one process.
+shards into the one cache file the later stages read (extract/run.py, extract/cache.py); ``predict``
+labels each rank's slice of the test rows into a part file, and rank 0 joins the parts
+(fusion/predict.py). Without those variables, or with a single process, nothing here runs and
+both stay one process.
 """
 
 from __future__ import annotations
@@ -67,8 +69,14 @@ class Launch:
 
     def share(self, guids: list[str]) -> list[str]:
         """This rank's contiguous slice of ``guids``, in their order; the ranks' slices tile the list exactly."""
-        count = len(guids)
-        return guids[self.rank * count // self.world_size : (self.rank + 1) * count // self.world_size]
+        return share_of(guids, self.rank, self.world_size)
+
+
+def share_of(guids: list[str], rank: int, world_size: int) -> list[str]:
+    """Rank ``rank``'s contiguous slice of ``guids`` among ``world_size``: what ``Launch.share`` gives that rank, for
+    rank 0 to find every rank's rows when it joins their output (predict)."""
+    count = len(guids)
+    return guids[rank * count // world_size : (rank + 1) * count // world_size]
 
 
 def join(launch: Launch, device: torch.device) -> torch.device:

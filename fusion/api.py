@@ -219,7 +219,20 @@ class Run:
     ) -> np.ndarray:
         """Probabilities (N, C) of ``guids`` of a data folder: fit members read its caches (``extract`` them
         first), finetune members encode its raw pairs."""
+        return self.rule.apply(self.member_probabilities_cached(data_dir, guids, cache_root, progress))
+
+    def member_probabilities_cached(
+        self, data_dir: str | Path, guids: Sequence[str], cache_root: str | Path = defaults.CACHE_ROOT,
+        progress: bool = False, keep: bool = True,
+    ) -> np.ndarray:
+        """Each member's probabilities (M, N, C) of ``guids`` of a data folder, before the decision rule.
+
+        ``keep``: memoise the cache reads for later calls on the same rows. A caller streaming a large
+        folder chunk by chunk (``fusion.predict.stream_submission``) passes False, so that it holds one
+        chunk's features at a time; the members of the call still share each read.
+        """
         data_dir, cache_root, guids = Path(data_dir), Path(cache_root), list(guids)
+        loaded: LoadedFeatures = self._cached if keep else {}
         each = []
         for member in self.members:
             if member.model is not None:
@@ -232,10 +245,10 @@ class Run:
             encoders = member.config["encoders"]
             features, _ = load_pair_features(
                 cache_root, data_dir, guids, encoders["text"]["encoder"], encoders["image"]["encoder"],
-                expected=encoders, loaded=self._cached,
+                expected=encoders, loaded=loaded,
             )
             each.append(member.probabilities(features))
-        return self.rule.apply(np.asarray(each))  # (M, N, C) → (N, C)
+        return np.asarray(each)  # (M, N, C)
 
     def explain(
         self, post: Post, target: str | int | None = None, steps: int = DEFAULT_STEPS
