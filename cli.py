@@ -113,6 +113,12 @@ def extract(
     )
 
 
+BatchFoldsOption = typer.Option(
+    FitConfig.batch_folds, "--batch-folds", help="With --folds K: train the K folds as one batched model, pooled heads "
+    "only (fusion/batched.py): the same fits without dropout, other dropout masks with it.",
+)
+
+
 @app.command()
 @_one_line_errors
 def fit(
@@ -204,13 +210,14 @@ def fit(
         "OUT/decision.json anyway.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run (or folds) already in the folder."),
+    batch_folds: bool = BatchFoldsOption,
 ) -> None:
     """Stage two: train a fusion head on the cached features and report validation metrics."""
     fit_config = FitConfig(
         head=head, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, val_fraction=val_fraction, seed=seed,
         balanced_sampling=balanced_sampling, logit_adjustment=logit_adjustment, modalities=modalities,
-        aux_data=str(aux_data or ""), aux_per_epoch=aux_per_epoch, precision=precision,
+        aux_data=str(aux_data or ""), aux_per_epoch=aux_per_epoch, precision=precision, batch_folds=batch_folds,
     ).validate()
     head_options = {
         key: value
@@ -222,6 +229,8 @@ def fit(
     }
     if folds == 1 and decision != "mean":
         raise typer.BadParameter("a decision rule combines the heads of --folds K (K ≥ 2)", param_hint="--decision")
+    if folds == 1 and batch_folds:
+        raise typer.BadParameter("batches the K folds of --folds K (K ≥ 2)", param_hint="--batch-folds")
     _fit_and_report(
         data, cache, out, fit_config, head_options, folds=folds, split_seed=split_seed, decision=decision,
         overwrite=overwrite, text_encoder=text_encoder, image_encoder=image_encoder,
@@ -476,6 +485,7 @@ def sweep(
         "file's ranges, e.g. lr: {loguniform: [1e-4, 3e-3]}, ASHA-screened on fold 0; the kept ones on every fold)."
     ),
     trials: int = typer.Option(20, "--trials", help="random | optuna: configurations to sample."),
+    batch_folds: bool = BatchFoldsOption,
 ) -> None:
     """Fit every combination of a grid on the cached features (loaded once) and rank them on validation macro-F1.
 
@@ -487,7 +497,7 @@ def sweep(
     if grid is None and not sets:
         raise typer.BadParameter("give a --grid file and/or --set key=v1,v2 options", param_hint="--grid/--set")
     _, rows = sweep_from_cache(
-        data, cache, out, build_grids(grid, sets),
+        data, cache, out, build_grids(grid, sets + ["batch_folds=true"] * batch_folds),
         SweepOptions(folds, jobs, split_seed, backend, address, cpus_per_trial, search, trials),
         text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,
     )

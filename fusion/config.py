@@ -106,6 +106,8 @@ class FitConfig:
     val_fraction: float = 0.1  # stratified share of train.txt held out for validation
     seed: int = 0  # seeds the split, the initialisation and the batch order
     precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast in training; auto = bf16 where the CPU has bf16 units
+    batch_folds: bool = False  # with K ≥ 2 folds: train them as one batched model (fusion/batched.py), pooled heads
+    # only; without dropout the same fits, with dropout other masks (as another seed's)
 
     def validate(self) -> FitConfig:
         from fusion.precision import HEAD_PRECISIONS
@@ -129,6 +131,10 @@ class FitConfig:
             raise ValueError(f"aux_per_epoch must be positive, got {self.aux_per_epoch}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.batch_folds:
+            from fusion.batched import check_batchable
+
+            check_batchable(self)
         return self
 
 

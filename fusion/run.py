@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from extract.dataset import LABEL_TO_ID, LABELS, read_split
+from fusion.batched import fit_folds_batched
 from fusion.calibration import ADJUSTMENT_KEY, LogitAdjustment, log_prior, stored_adjustment, tune_tau
 from fusion.config import MODALITIES, BaseHeadConfig, FitConfig, from_dict
 from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, load_text_features
@@ -236,8 +237,14 @@ def fit_folds(
     split_seed = fit_config.seed if split_seed is None else split_seed
     labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
     out = prepare_run_dir(out, overwrite)
+    fitted: list[HeadTrainer | None] = [None] * folds  # None: fit_fold fits the fold itself
+    if fit_config.batch_folds:
+        fitted = list(fit_folds_batched(
+            labelled, fit_config, head_options, folds=folds, split_seed=split_seed, progress=progress
+        ))
     results = [
-        fit_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed, progress=progress)
+        fit_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed, progress=progress,
+                 fitted=fitted[fold])
         for fold in range(folds)
     ]
     reports = [result.validation for result in results]
@@ -282,6 +289,7 @@ def fit_fold(
     split_seed: int,
     overwrite: bool = False,
     progress: bool = True,
+    fitted: HeadTrainer | None = None,
 ) -> RunResult:
     """Fit fold ``fold`` of the labelled rows' split and write its run: ``out/fold-<fold>`` (K ≥ 2), else ``out``.
 
@@ -289,12 +297,13 @@ def fit_fold(
     stratified hold-out of ``fit_config.val_fraction`` when ``folds`` is 1 (``fusion.split.fold_splits``).
     fit (``fit_run``, ``fit_folds``), pipeline, and sweep and ablate on every backend call it, so a config
     with the same folds and split seed gets the same rows, the same fit and the same scores in each command.
+    ``fitted``: this fold's head already trained on these rows (``fusion.batched.fit_folds_batched``), to write.
     """
     train_rows, val_rows = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)[fold]
     return fit_rows(
         labelled, fold_dir(out, fold, folds), fit_config, head_options, train_rows, val_rows,
         split={"folds": folds, "fold": fold, "seed": split_seed}, overwrite=overwrite, progress=progress,
-        plots=fold == 0,
+        plots=fold == 0, fitted=fitted,
     )
 
 
@@ -315,10 +324,12 @@ def fit_rows(
     overwrite: bool = False,
     progress: bool = True,
     plots: bool = True,
+    fitted: HeadTrainer | None = None,
 ) -> RunResult:
     """Train the head on ``train_rows`` of loaded features, select on ``val_rows``, and write the run folder.
 
-    ``split`` describes where the rows came from (e.g. a fold of a sweep) for config.json.
+    ``split`` describes where the rows came from (e.g. a fold of a sweep) for config.json; ``fitted`` is the head
+    already trained on these rows with these configs (a member of a batched fit), written instead of fitting again.
     """
     fit_config.validate()
     head_config = labelled.head_config(fit_config.head, head_options)
@@ -336,7 +347,7 @@ def fit_rows(
     write_json(out / CONFIG_FILE, config)  # first, so a crashed run still says what it was
     features, aux = labelled.head_inputs(fit_config, head_config)
     val = features.subset(val_rows)
-    trainer = HeadTrainer(fit_config, head_config).fit(
+    trainer = fitted or HeadTrainer(fit_config, head_config).fit(
         features.subset(train_rows), labels[train_rows], val, labels[val_rows], aux=aux, progress=progress,
     )
     val_probabilities = predict_proba(trainer.model_, val)  # (N_val, C)

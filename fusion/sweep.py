@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 
+from fusion.batched import fit_folds_batched
 from fusion.calibration import log_prior, tune_tau
 from fusion.config import CACHE_SIZES, FitConfig
 from fusion.features import LoadedFeatures
@@ -53,6 +54,7 @@ from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_lea
 from fusion.registry import head_class, head_config_from_dict, head_names, head_options
 from fusion.run import LabelledFeatures, fit_fold, fold_dir, load_labelled, prepare_run_dir, write_json
 from fusion.split import fold_splits
+from fusion.train import HeadTrainer
 
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 HEAD_CONFIGS = tuple(dict.fromkeys(head_class(name).config_class for name in head_names()))  # each class once
@@ -302,8 +304,8 @@ class SweepInputs:
     options: SweepOptions
 
 
-Task = tuple[Trial, int]  # a configuration and the fold to fit it on
-Done = Callable[[int, FoldResult], None]  # called with a task's position in the task list and its result
+Task = tuple[Trial, tuple[int, ...]]  # a configuration and the folds fitted together: one, or all K (batch_folds)
+Done = Callable[[int, list[FoldResult]], None]  # called with a task's position in the task list and its results
 Executor = Callable[[SweepInputs, list[Task], Done], None]  # fits every task, calling ``Done`` as each one ends
 
 
@@ -313,20 +315,41 @@ def trial_splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> lis
     return fold_splits(labels, options.folds, trial.fit_config.val_fraction, options.split_seed)
 
 
-def fit_task(inputs: SweepInputs, trial: Trial, fold: int) -> FoldResult:
-    """Fit ``trial`` on fold ``fold`` into ``runs/<trial>/``: the one fit every backend executes.
+def trial_tasks(trials: list[Trial], folds: int) -> list[Task]:
+    """The sweep's units of work: each (configuration, fold) alone, or a configuration's K folds as one batched fit
+    when it asks for ``batch_folds`` (as ``fit --folds K --batch-folds`` fits them)."""
+    return [
+        task for trial in trials
+        for task in ([(trial, tuple(range(folds)))] if trial.fit_config.batch_folds and folds > 1
+                     else [(trial, (fold,)) for fold in range(folds)])
+    ]
 
-    The split and the fit are ``fusion.run.fit_fold``'s, as for ``fit --folds K --split-seed S``.
+
+def fit_task(inputs: SweepInputs, trial: Trial, folds: tuple[int, ...]) -> list[FoldResult]:
+    """Fit ``trial`` on ``folds`` into ``runs/<trial>/``: the one fit every backend executes.
+
+    The split and the fit are ``fusion.run.fit_fold``'s (all K folds batched as ``fusion.run.fit_folds`` batches
+    them), as for ``fit --folds K --split-seed S``.
     """
     options, trial_dir = inputs.options, inputs.out / "runs" / trial.folder
-    result = fit_fold(
-        inputs.labelled[trial.encoders], trial_dir, trial.fit_config, trial.head_options, fold,
-        folds=options.folds, split_seed=options.split_seed, progress=False,
-    )
-    return FoldResult(
-        trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation, result.val_probabilities,
-        result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_, result.adjustment.tau,
-    )
+    labelled = inputs.labelled[trial.encoders]
+    fitted: list[HeadTrainer | None] = [None] * options.folds  # None: fit_fold fits the fold itself
+    if len(folds) > 1:
+        fitted = list(fit_folds_batched(
+            labelled, trial.fit_config, trial.head_options, folds=options.folds, split_seed=options.split_seed
+        ))
+    results = []
+    for fold in folds:
+        result = fit_fold(
+            labelled, trial_dir, trial.fit_config, trial.head_options, fold, folds=options.folds,
+            split_seed=options.split_seed, progress=False, fitted=fitted[fold],
+        )
+        results.append(FoldResult(
+            trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation,
+            result.val_probabilities, result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_,
+            result.adjustment.tau,
+        ))
+    return results
 
 
 # The sweep's inputs as the local pool's workers see them: set before the pool forks, read-only afterwards,
@@ -334,7 +357,7 @@ def fit_task(inputs: SweepInputs, trial: Trial, fold: int) -> FoldResult:
 _SHARED: dict[str, SweepInputs] = {}
 
 
-def _fit_shared(task: Task) -> FoldResult:
+def _fit_shared(task: Task) -> list[FoldResult]:
     return fit_task(_SHARED["inputs"], *task)
 
 
@@ -377,19 +400,24 @@ def fit_trials(
 
     ``labelled`` holds the loaded features of each trial's (text, image) encoders.
     """
-    tasks = [(trial, fold) for trial in trials for fold in range(options.folds)]
-    results: dict[int, FoldResult] = {}
+    tasks = trial_tasks(trials, options.folds)
+    fits = sum(len(folds) for _, folds in tasks)
+    results: dict[int, list[FoldResult]] = {}
+    reported = 0
 
-    def done(position: int, result: FoldResult) -> None:
-        trial, fold = tasks[position]
-        results[position] = result
-        echo(
-            f"[{len(results)}/{len(tasks)}] {trial.name} fold {fold}: macro-F1 {result.validation['macro_f1']:.4f}, "
-            f"neutral recall {metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
-        )
+    def done(position: int, fitted: list[FoldResult]) -> None:
+        nonlocal reported
+        trial, _ = tasks[position]
+        results[position] = fitted
+        for result in fitted:
+            reported += 1
+            echo(
+                f"[{reported}/{fits}] {trial.name} fold {result.fold}: macro-F1 {result.validation['macro_f1']:.4f}, "
+                f"neutral recall {metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
+            )
 
     executor(options.backend)(SweepInputs(labelled, Path(out), options), tasks, done)
-    return [results[position] for position in range(len(tasks))]
+    return [result for position in range(len(tasks)) for result in results[position]]
 
 
 def cross_fitted(results: list[FoldResult], labels: np.ndarray, val_rows: list[np.ndarray],

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import statistics
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -111,22 +112,22 @@ def _trial_setup(shared: ray.ObjectRef, cpus: int, cwd: str) -> Any:
 
 
 def _fit_task(config: dict[str, Any], *, shared: ray.ObjectRef, cpus: int, cwd: str) -> None:
-    """One Tune trial: fit task ``config["task"]`` of the shared task list and report its ``FoldResult``."""
+    """One Tune trial: fit task ``config["task"]`` of the shared task list and report its ``FoldResult``s."""
     inputs, tasks = _trial_setup(shared, cpus, cwd)
-    result = fit_task(inputs, *tasks[config["task"]])
-    tune.report({METRIC: result.validation["macro_f1"], RESULT_KEY: result})
+    results = fit_task(inputs, *tasks[config["task"]])
+    tune.report({METRIC: statistics.fmean(r.validation["macro_f1"] for r in results), RESULT_KEY: results})
 
 
 class _Collect(tune.Callback):
-    """Hands each finished trial's ``FoldResult`` to ``done`` in this process, as the trial ends."""
+    """Hands each finished trial's ``FoldResult``s to ``done`` in this process, as the trial ends."""
 
     def __init__(self, done: Done):
         self.done = done
 
     def on_trial_complete(self, iteration: int, trials: list[tune.experiment.Trial], trial: tune.experiment.Trial,
                           **info: Any) -> None:
-        result: FoldResult = trial.last_result[RESULT_KEY]
-        self.done(trial.config["task"], result)
+        results: list[FoldResult] = trial.last_result[RESULT_KEY]
+        self.done(trial.config["task"], results)
 
 
 def fit_on_ray(inputs: SweepInputs, tasks: list[Task], done: Done) -> None:
