@@ -578,6 +578,37 @@ def pipeline(
 
 @app.command()
 @_one_line_errors
+def stack(
+    run: list[Path] = typer.Option(
+        ..., "--run", help="K-fold folder (fit --folds K) of one member; repeat it (2 or more), all with the same "
+        "folds (the same --folds and --split-seed).",
+    ),
+    out: Path = typer.Option(..., "--out", help="Stack folder to create (stack.json); predict --run OUT applies it."),
+    data: Path = DataOption,
+    cache: Path = CacheOption,
+    features: str = typer.Option("probability", help="What the regression reads of each member: probability | log."),
+    class_weight: str | None = typer.Option(
+        None, "--class-weight", help="balanced: weight rows inversely to their class's share (more neutral found)."
+    ),
+    seed: int = typer.Option(0, help="Shuffles the inner folds that choose the regularisation."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT/stack.json."),
+) -> None:
+    """Fit a logistic regression over the members' out-of-fold probabilities, scored first in nested CV."""
+    from fusion.decision import STACK_FEATURES
+    from fusion.stack import fit_stack, markdown
+
+    if features not in STACK_FEATURES:
+        raise typer.BadParameter(f"{features!r} is not one of {list(STACK_FEATURES)}", param_hint="--features")
+    if class_weight not in (None, "balanced"):
+        raise typer.BadParameter(f"{class_weight!r} is not 'balanced'", param_hint="--class-weight")
+    rule, methods = fit_stack(run, out, data, cache, features=features, class_weight=class_weight, seed=seed,
+                              overwrite=overwrite)
+    typer.echo(f"nested CV over the members' {len(methods['stack'])} folds (out-of-fold rows):\n{markdown(methods)}")
+    typer.echo(f"wrote {out}/stack.json (c = {rule.c:g}); predict with `python cli.py predict --run {out}`")
+
+
+@app.command()
+@_one_line_errors
 def serve(
     run: list[Path] = typer.Option(
         defaults.RUN_DIR, "--run", help="Run folder to serve (fit, finetune, or a K-fold folder; repeat to combine)."

@@ -43,7 +43,7 @@ from extract.ocr import ocr_path, read_ocr
 from extract.registry import create_encoder
 from fusion.calibration import LogitAdjustment, stored_adjustment
 from fusion.config import FitConfig, from_dict
-from fusion.decision import DEFAULT_RULE, RULES, DecisionRule, PriorRule, create_rule, read_decision
+from fusion.decision import DEFAULT_RULE, RULES, DecisionRule, PriorRule, create_rule, read_decision, read_stack
 from fusion.explain import DEFAULT_STEPS, Explanation, Word, explain, merge_words
 from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, stream_descriptions
 from fusion.layers import normalise_features
@@ -330,9 +330,14 @@ def fit(
 
 
 def expand_runs(paths: Sequence[Path]) -> list[Path]:
-    """Run folders to combine: each path is a run, or a folder of ``fold-*`` runs (a K-fold fit or sweep trial)."""
+    """Run folders to combine: each path is a run, a folder of ``fold-*`` runs (a K-fold fit or sweep trial), or a
+    ``stack`` folder (its member folders' runs, in the order its ``stack.json`` reads them)."""
     runs: list[Path] = []
     for path in map(Path, paths):
+        stack = read_stack(path)
+        if stack is not None:
+            runs.extend(expand_runs([Path(run) for run in stack.runs]))
+            continue
         folds = sorted(path.glob("fold-*/config.json"))
         if (path / CONFIG_FILE).is_file() or not folds:
             runs.append(path)  # read_config names a folder that is neither
@@ -348,9 +353,15 @@ def ensemble_decision(runs: Sequence[Path], decision: str | None = None, data_di
     ``decision``. Any other list of runs (single runs, several folders whose rules were fitted on other
     heads, folders fitted before decision rules existed): the plain mean, or the named rule when it needs
     no fitting (``geometric``) or only the training labels (``prior``: the shares of ``data_dir``'s train.txt).
+    A ``stack`` folder (``python cli.py stack``): its logistic regression, which alone decides for it.
     """
     if decision is not None and decision not in RULES:
         raise ValueError(f"unknown decision rule {decision!r}; choose one of {sorted(RULES)}")
+    stacks = [stack for stack in map(read_stack, runs) if stack is not None]
+    if stacks and (len(runs) > 1 or decision is not None):
+        raise ValueError("a stack folder's logistic regression decides for it: predict with it alone, no --decision")
+    if stacks:
+        return stacks[0]
     stored = read_decision(runs[0]) if len(runs) == 1 else None
     if stored is not None:
         default, rules = stored

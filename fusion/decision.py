@@ -15,7 +15,9 @@ rows of 511 while a tenth of train.txt is neutral. The rules here:
   ensemble* probabilities (``nested_ensemble_probabilities``: every row predicted by an average
   of heads that never saw it, as the ensemble predicts the test rows);
 * ``prior``: label-free, on the rows being predicted: offsets o added to ``log mean p`` so that the
-  predicted class shares match the training prior (``prior_offsets``).
+  predicted class shares match the training prior (``prior_offsets``);
+* ``stack`` (``StackRule``, not chosen by name: a ``stack`` folder's ``stack.json`` holds it): a logistic regression
+  over the probabilities of several K-fold folders (other heads, other encoders), fitted on their out-of-fold rows.
 
 Each rule is a dataclass: ``fit(probabilities, labels)`` returns ``self`` (what the probabilities must
 be is in each ``fit``'s docstring), ``apply(members)`` maps (M, N, C) to (N, C), and ``to_dict`` /
@@ -42,6 +44,9 @@ DEFAULT_RULE = "mean"  # no other rule beat it beyond the fold noise in nested C
 TAUS = tuple(float(t) for t in np.round(np.exp(np.linspace(np.log(0.25), np.log(4.0), 81)), 4))  # 1.0 included
 BIASES = tuple(round(0.05 * i, 2) for i in range(-60, 61))  # −3 … 3: the values tried for each class's offset
 EPS = 1e-12  # floor of probabilities before their log
+STACK_FILE = "stack.json"  # in a `stack` folder: {"rule": the StackRule, "report": its nested CV}
+STACK_CS = tuple(float(c) for c in np.logspace(-3, 2, 6))  # the stack's inverse L2 strengths tried by its inner CV
+STACK_FEATURES = ("probability", "log")  # what the stack reads of each member's probabilities
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -255,7 +260,88 @@ class PriorRule:
         return shift_mean(members, self.offsets(members))
 
 
-DecisionRule = MeanRule | GeometricRule | TemperatureRule | BiasRule | PriorRule
+def stack_features(folders: np.ndarray, features: str) -> np.ndarray:
+    """The regression's input (N, F·C) from F member folders' probabilities (F, N, C): columns member by member."""
+    folders = check_members(folders)
+    if features not in STACK_FEATURES:
+        raise ValueError(f"unknown stack features {features!r}; choose one of {list(STACK_FEATURES)}")
+    values = log_probabilities(folders) if features == "log" else folders.astype(np.float64)
+    return values.transpose(1, 0, 2).reshape(folders.shape[1], -1)  # (F, N, C) → (N, F, C) → (N, F·C)
+
+
+@dataclass
+class StackRule:
+    """A logistic regression over member folders' probabilities: it learns how far to trust each member per class.
+
+    A plain average trusts every member equally for every class; members of other heads and encoders
+    differ in what they see (one is sure of negatives, another finds the rare neutral), and the regression
+    weighs them by their out-of-fold record. Members are K-fold folders (``fit --folds K``); each folder's
+    heads are first combined by the folder's own rule, then the regression decides. It is stored as plain
+    numbers (``coef``, ``intercept``), so ``apply`` needs neither scikit-learn nor a pickle. ``fusion/stack.py``
+    gathers the out-of-fold probabilities, scores the rule in nested CV and writes ``stack.json``.
+    """
+
+    name: ClassVar[str] = "stack"
+    runs: list[str] = field(default_factory=list)  # member folders, in column order
+    heads: list[int] = field(default_factory=list)  # fold heads of each folder: how apply's (M, N, C) splits
+    rules: list[dict[str, Any]] = field(default_factory=list)  # each folder's own rule (to_dict): heads → (N, C)
+    features: str = "probability"  # input per member: p | "log" p (floored at EPS; −1.5 points macro-F1 on MVSA)
+    class_weight: str | None = None  # None | "balanced": rows weighted inversely to their class's share
+    inner_folds: int = 5  # stratified folds of the training rows that choose c
+    seed: int = 0  # shuffles those folds
+    c: float | None = None  # the inverse L2 strength chosen (one of STACK_CS); None = not fitted
+    coef: list[list[float]] = field(default_factory=list)  # (C, F·C)
+    intercept: list[float] = field(default_factory=list)  # (C,)
+
+    def fit(self, folders: np.ndarray, labels: np.ndarray) -> StackRule:
+        """Fit the multinomial regression on ``folders`` (F, N, C): *out-of-fold* probabilities of each member
+        folder, every row by a head that never trained on it. c of ``STACK_CS`` minimises the log-loss of
+        ``inner_folds`` stratified folds (seeded by ``seed``); the regression is then refitted on every row."""
+        from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+        from sklearn.model_selection import StratifiedKFold
+
+        folders = check_members(folders)
+        check_fit_data(folders[0], labels)
+        num_classes = folders.shape[2]
+        counts = np.bincount(labels, minlength=num_classes)
+        if len(counts) != num_classes or counts.min() < 2:
+            raise ValueError(f"the stack needs 2 or more rows of each of the {num_classes} classes, "
+                             f"got {counts.tolist()}")
+        inputs = stack_features(folders, self.features)  # (N, F·C)
+        splits = StratifiedKFold(min(self.inner_folds, int(counts.min())), shuffle=True, random_state=self.seed)
+        search = LogisticRegressionCV(
+            Cs=list(STACK_CS), l1_ratios=(0.0,), cv=splits, scoring="neg_log_loss", class_weight=self.class_weight,
+            max_iter=1000, refit=False, use_legacy_attributes=False,
+        ).fit(inputs, labels)
+        self.c = float(search.Cs_[np.argmax(search.scores_.mean(axis=0)[0])])  # scores_ (folds, l1 ratios, Cs)
+        model = LogisticRegression(  # solved tightly: the stored numbers are the optimum, not a point near it
+            C=self.c, class_weight=self.class_weight, tol=1e-8, max_iter=5000
+        ).fit(inputs, labels)
+        self.coef, self.intercept = model.coef_.tolist(), model.intercept_.tolist()
+        return self
+
+    def decide(self, folders: np.ndarray) -> np.ndarray:
+        """Probabilities (N, C) from the member folders' (F, N, C): the regression's ``predict_proba``."""
+        if not self.coef:
+            raise ValueError("the stack rule is not fitted: build it with `python cli.py stack`")
+        inputs = stack_features(folders, self.features)  # (N, F·C)
+        coef = np.asarray(self.coef)  # (C, F·C)
+        if inputs.shape[1] != coef.shape[1]:
+            raise ValueError(f"the stack was fitted on {coef.shape[1]} columns (members × classes), "
+                             f"got {folders.shape[0]} members × {folders.shape[2]} classes")
+        return softmax(inputs @ coef.T + np.asarray(self.intercept)).astype(folders.dtype)  # (N, C)
+
+    def apply(self, members: np.ndarray) -> np.ndarray:
+        """(M, N, C) heads of every folder of ``runs``, ``heads`` of each in order → each folder's rule → ``decide``."""
+        members = check_members(members)
+        if sum(self.heads) != members.shape[0]:
+            raise ValueError(f"the stack's folders hold {sum(self.heads)} heads ({self.heads}), "
+                             f"got {members.shape[0]} members' probabilities")
+        groups = np.split(members, np.cumsum(self.heads)[:-1])  # F arrays (K_f, N, C)
+        return self.decide(np.stack([rule_from_dict(rule).apply(g) for rule, g in zip(self.rules, groups)]))
+
+
+DecisionRule = MeanRule | GeometricRule | TemperatureRule | BiasRule | PriorRule | StackRule
 RULES: dict[str, type] = {rule.name: rule for rule in (MeanRule, GeometricRule, TemperatureRule, BiasRule, PriorRule)}
 
 
@@ -308,6 +394,22 @@ def read_decision(folder: Path) -> tuple[str, dict[str, DecisionRule]] | None:
     if default not in rules:
         raise ValueError(f"{path}: default rule {default!r} is not among its rules {sorted(rules)}")
     return default, rules
+
+
+def read_stack(folder: Path) -> StackRule | None:
+    """The rule of ``folder/stack.json`` (a ``stack`` folder), or None when the folder has none."""
+    path = Path(folder) / STACK_FILE
+    if not path.is_file():
+        return None
+    from fusion.config import from_dict
+
+    try:
+        values = dict(json.loads(path.read_text())["rule"])
+        if values.pop("rule") != StackRule.name:
+            raise KeyError("rule")
+        return from_dict(StackRule, values)
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a stack file ({error!r}); rebuild it with `python cli.py stack`") from None
 
 
 def nested_ensemble_probabilities(
