@@ -98,8 +98,8 @@ def extract(
     encodes it after the tweet. A text-only folder (texts.csv: guid,text,tag, e.g.
     mvsa-multiple-text) gets its texts encoded, for `fit --aux-data`. Resumable: a rerun
     encodes only the guids missing from the cache. Under torchrun (torchrun --nproc-per-node N
-    cli.py extract …) every process encodes a slice of the pairs on its own GPU or share of the
-    cores, and rank 0 stitches their shard files into the same cache file.
+    cli.py extract …) every process encodes (and reads the image text of) a slice of the pairs on
+    its own GPU or share of the cores, and rank 0 stitches their shard files into the same cache file.
     """
     from extract.run import extract_data
 

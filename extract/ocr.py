@@ -107,6 +107,43 @@ def ocr_path(cache_root: Path, data_dir: Path, settings: OcrSettings = OCR_SETTI
     return cache_dir_for(cache_root, data_dir) / f"ocr-{ENGINE}-{settings.tag}.jsonl"
 
 
+def adopted_ocr_path(cache_root: Path, data_dir: Path, settings: OcrSettings = OCR_SETTINGS) -> Path:
+    """The cache's OCR file, its folder made; a file from before files named their settings is adopted when its
+    settings are rapidocr's defaults (it was written with them)."""
+    path = ocr_path(cache_root, data_dir, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    legacy = path.parent / f"ocr-{ENGINE}.jsonl"
+    if settings == OcrSettings() and legacy.is_file() and not path.exists():
+        legacy.rename(path)
+    return path
+
+
+def ocr_part_path(cache_root: Path, data_dir: Path, rank: int, settings: OcrSettings = OCR_SETTINGS) -> Path:
+    """Rank ``rank``'s OCR file under torchrun, beside the cache's."""
+    path = ocr_path(cache_root, data_dir, settings)
+    return path.with_name(f"{path.stem}.rank-{rank}.jsonl")
+
+
+def merge_ocr_parts(cache_root: Path, data_dir: Path, guids: list[str], settings: OcrSettings = OCR_SETTINGS) -> None:
+    """Append the texts of every rank's part file (of any world size) missing from the cache's OCR file, in
+    ``guids`` order, then delete the parts. Rerun after a crash, it appends only what is still missing."""
+    path = adopted_ocr_path(cache_root, data_dir, settings)
+    parts = sorted(path.parent.glob(f"{path.stem}.rank-*.jsonl"))
+    found: dict[str, str] = {}
+    for part in parts:
+        found |= read_ocr(part)
+    done = read_ocr(path)
+    _drop_torn_line(path)
+    with path.open("a", encoding="utf-8") as handle:
+        for guid in guids:
+            if guid in found and guid not in done:
+                handle.write(json.dumps({"guid": guid, "text": found[guid]}, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    for part in parts:
+        part.unlink()
+
+
 def read_ocr(path: Path) -> dict[str, str]:
     """guid → OCR text of a cache file; a torn last line (an interrupted write) is ignored."""
     texts: dict[str, str] = {}
@@ -131,19 +168,21 @@ def extract_ocr(
     reader: Reader | None = None,
     workers: int | None = None,
     settings: OcrSettings = OCR_SETTINGS,
+    part: int | None = None,
 ) -> dict[str, str]:
     """OCR text of every guid, reading the images missing from the cache and appending them in guid order.
+
+    ``part``: under torchrun, this rank's own file (``ocr_part_path``), which ``merge_ocr_parts`` then
+    appends to the cache's: each file has one writer.
 
     ``workers`` processes (default: one per CPU core) each read whole images on one ONNX Runtime
     thread: the models' small convolutions keep two threads busy far less than two images do.
     0 or 1 reads in this process. ``reader`` replaces the rapidocr reader built from ``settings``
     (tests); with workers it must pickle wherever processes are spawned rather than forked.
     """
-    path = ocr_path(cache_root, data_dir, settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    legacy = path.parent / f"ocr-{ENGINE}.jsonl"  # written with rapidocr's defaults before files named their settings
-    if settings == OcrSettings() and legacy.is_file() and not path.exists():
-        legacy.rename(path)
+    path = adopted_ocr_path(cache_root, data_dir, settings) if part is None else ocr_part_path(
+        cache_root, data_dir, part, settings
+    )
     texts = read_ocr(path)
     todo = [guid for guid in guids if guid not in texts]
     if not todo:

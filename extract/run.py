@@ -21,7 +21,7 @@ from extract.decode import decode_images, read_raw_image, resolve_decoder
 from extract.device import resolve_device
 from extract.distributed import Launch, all_gather, barrier, join, leader_first
 from extract.encoders.base import Encoder, PatchImageEncoder
-from extract.ocr import extract_ocr
+from extract.ocr import adopted_ocr_path, extract_ocr, merge_ocr_parts, read_ocr
 from extract.registry import create_encoder, stream_names
 
 
@@ -127,6 +127,25 @@ def extract_features(
     return ExtractSummary(path, len(guids), sum(count for count, _ in ranks), [g for _, bad in ranks for g in bad])
 
 
+def sharded_ocr(
+    data_dir: Path, cache_root: Path, guids: list[str], launch: Launch, *, skip_bad: bool = False
+) -> dict[str, str]:
+    """OCR under torchrun: each rank reads its slice's images missing from the cache's OCR file into a part
+    file of its own (resumable, one reader process per share of the cores), then rank 0 appends the parts
+    to the cache's file in guid order; every rank returns the texts of ``guids``."""
+    with leader_first(launch):  # rank 0 adopts an OCR file from before settings named files, then the rest read it
+        done = read_ocr(adopted_ocr_path(cache_root, data_dir))
+    mine = [guid for guid in launch.share(guids) if guid not in done]
+    extract_ocr(data_dir, cache_root, mine, skip_bad=skip_bad, progress=launch.leader, workers=launch.cores(),
+                part=launch.rank)
+    barrier()
+    if launch.leader:
+        merge_ocr_parts(cache_root, data_dir, guids)
+    barrier()
+    texts = read_ocr(adopted_ocr_path(cache_root, data_dir))
+    return {guid: texts[guid] for guid in guids}
+
+
 def extract_data(
     data_dir: Path,
     cache_root: Path,
@@ -175,8 +194,10 @@ def extract_data(
             started = time.perf_counter()
             encoder = create_encoder(kind, name, **options)
             if getattr(encoder, "ocr", False):  # a "+ocr" text encoder: the OCR stage runs (or resumes) first
-                with leader_first(launch):  # the OCR file takes one writer: under torchrun, rank 0 reads every image
+                if launch is None:
                     ocr_texts = extract_ocr(data_dir, cache_root, guids, skip_bad=skip_bad, progress=leader)
+                else:
+                    ocr_texts = sharded_ocr(data_dir, cache_root, guids, launch, skip_bad=skip_bad)
                 encoder.ocr_texts.update(ocr_texts)
                 say(f"ocr: image text of {len(guids)} pairs in {time.perf_counter() - started:.1f} s")
             summary = extract_features(

@@ -8,6 +8,7 @@ in this process with a ``Launch`` of another rank or world size and no process g
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import pytest
 from conftest import TINY_MAX_TOKENS, write_data_dir
 
 from extract.cache import CacheMismatchError, FeatureCache, cache_path, load_features, shard_path
+from extract.dataset import image_path, read_split
 from extract.distributed import Launch
 from extract.registry import create_text_encoder
 from extract.run import extract_features
@@ -39,7 +41,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def torchrun_extract(data_dir: Path, cache_root: Path, model_dir: Path, processes: int = 2) -> tuple[int, int]:
+def torchrun_extract(data_dir: Path, cache_root: Path, model_dir: Path | str, processes: int = 2) -> tuple[int, int]:
     """``torchrun --nproc-per-node N cli.py extract --only text`` on the CPU; returns (new rows, total pairs)."""
     env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     command = [
@@ -213,3 +215,35 @@ def test_launch_from_environment(monkeypatch):
     guids = [str(i) for i in range(11)]
     shares = [Launch(rank, 3, rank, 3).share(guids) for rank in range(3)]
     assert [len(share) for share in shares] == [3, 4, 4] and sum(shares, []) == guids
+
+
+def test_two_processes_read_the_image_text_of_their_own_slices(tiny_data, tmp_path, tiny_text_encoder_dir):
+    """+ocr under torchrun: each rank reads half the images into its part file; rank 0 merges them in guid order
+    into the OCR file one process writes, and the text caches agree."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    from PIL import Image, ImageDraw, ImageFont
+
+    from extract.ocr import extract_ocr, ocr_part_path, ocr_path, read_ocr
+
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    guids = [row.guid for split in ("train", "test") for row in read_split(data, split)]
+    for guid in guids[::5]:  # words in images of both ranks' slices
+        image = Image.new("RGB", (480, 120), (255, 255, 255))
+        ImageDraw.Draw(image).text((20, 30), f"hello {guid}", fill=(0, 0, 0), font=ImageFont.load_default(size=44))
+        image.save(image_path(data, guid), format="JPEG")
+    # rank 1 was stopped after its first image: its part file holds that image's text, kept as it is on rerun
+    interrupted = ocr_part_path(tmp_path / "two", data, rank=1)
+    interrupted.parent.mkdir(parents=True)
+    interrupted.write_text(json.dumps({"guid": guids[15], "text": "read before the stop"}) + "\n")
+    ocr_encoder = f"{tiny_text_encoder_dir}+ocr"
+    assert torchrun_extract(data, tmp_path / "two", ocr_encoder) == (30, 30)
+    alone = extract_ocr(data, tmp_path / "one", guids, progress=False, workers=0)
+    alone[guids[15]] = "read before the stop"  # rank 1's slice starts at guid 16 of 30
+    merged = ocr_path(tmp_path / "two", data)
+    assert read_ocr(merged) == alone and sum(bool(text) for text in alone.values()) >= 4
+    assert [json.loads(line)["guid"] for line in merged.read_text().splitlines()] == guids  # guid order
+    assert not list(merged.parent.glob("*.rank-*.jsonl"))  # the parts are gone
+    encoder = create_text_encoder(ocr_encoder, max_tokens=TINY_MAX_TOKENS)
+    encoder.ocr_texts.update(alone)
+    reference = extract_features(encoder, data, tmp_path / "one", batch_size=4, num_workers=0, progress=False)
+    assert_same_cache(cache_path(tmp_path / "two", data, "text", ocr_encoder), reference.path)
