@@ -160,7 +160,7 @@ def bench_poolings(data: Path, cache: Path, text_encoder: str, image_encoder: st
             best = board[0]
             rows.append({
                 "what": f"5-fold comparison of {len(trials)} fixed poolings (`{grid}`"
-                + (" --batch-folds`: each configuration's 5 folds one batched model" if batch_folds else "`")
+                + (", `--batch-folds`: each configuration's 5 folds one batched model" if batch_folds else "")
                 + "), from loading the cache",
                 "fits": len(trials) * 5, "seconds": f"{seconds:.1f}",
                 "notes": f"best {best['config']}: macro-F1 {best['macro_f1_mean']:.4f} ± {best['macro_f1_std']:.4f}",
