@@ -84,8 +84,6 @@ class AttentionHeadConfig(PooledHeadConfig):
         return self
 
 
-
-
 @dataclass
 class FitConfig:
     head: str = "gated"  # a name from the head registry (5-fold best of the sweeps: results/)
