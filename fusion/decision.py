@@ -407,6 +407,7 @@ def read_stack(folder: Path) -> StackRule | None:
         values = dict(json.loads(path.read_text())["rule"])
         if values.pop("rule") != StackRule.name:
             raise KeyError("rule")
+        values["runs"] = [str(Path(folder) / run) for run in values["runs"]]  # relative to the stack (or absolute)
         return from_dict(StackRule, values)
     except (KeyError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not a stack file ({error!r}); rebuild it with `python cli.py stack`") from None

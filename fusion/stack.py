@@ -214,6 +214,8 @@ def fit_stack(
     report = {"rows": len(inputs.labels), "folds": len(inputs.folds), "methods": methods, "chosen": chosen,
               "summary": {name: cv_summary(reports) for name, reports in methods.items()}}
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps({"rule": to_dict(rule), "report": report}, indent=2) + "\n")
+    # members relative to the stack folder: a tree of runs moved or copied as a whole keeps its stack
+    stored = dataclasses.replace(rule, runs=[os.path.relpath(run, out.resolve()) for run in rule.runs])
+    tmp.write_text(json.dumps({"rule": to_dict(stored), "report": report}, indent=2) + "\n")
     os.replace(tmp, path)
     return rule, methods

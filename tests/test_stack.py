@@ -8,7 +8,10 @@ other folds is refused in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,7 +75,7 @@ def test_stack_rule_round_trips_through_json_with_identical_predictions(tmp_path
     rule, _, _ = fitted_rule(**params)
     (tmp_path / STACK_FILE).write_text(json.dumps({"rule": to_dict(rule), "report": {}}))
     loaded = read_stack(tmp_path)
-    assert loaded == rule
+    assert loaded == dataclasses.replace(rule, runs=[str(tmp_path / run) for run in rule.runs])  # relative to it
     _, heads = specialists(40, 2)
     members = np.concatenate([heads[[0, 0]], heads[[1]], heads[[2, 2, 2]]]).astype(np.float32)  # (6, N, C)
     np.testing.assert_array_equal(loaded.apply(members), rule.apply(members))
@@ -133,6 +136,15 @@ def test_stack_command_then_predict_end_to_end(cached, tmp_path):
     assert refused.exit_code == 1 and "decides for it" in refused.output
     again = invoke("stack", "--run", members[0], "--run", members[1], "--out", stack_dir, *where)
     assert again.exit_code == 1 and "--overwrite" in again.output
+
+    # the stack names its members relative to itself: moved together, they still make the same stack
+    assert not any(Path(run).is_absolute() for run in stored["rule"]["runs"])
+    moved = tmp_path / "elsewhere"
+    for folder in (*members, stack_dir):
+        shutil.move(folder, moved / folder.name)
+    np.testing.assert_allclose(
+        Run.load(moved / "stack").predict_cached(cached["data"], guids, cached["cache"]), from_cache, atol=1e-7
+    )
 
 
 def test_a_member_with_other_folds_or_no_folds_is_refused_in_one_line(cached, tmp_path):
