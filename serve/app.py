@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -39,6 +39,7 @@ from fusion.explain import DEFAULT_STEPS, Explanation, patch_grid
 
 PAGE = Path(__file__).with_name("page.html")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_COOKIE = "mmsent_token"
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,23 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
     turn = threading.Lock()  # one piece of work on the model at a time (see the module docstring)
     batcher = Batcher(run, turn, limits.max_batch)
 
-    def authorised(request: Request) -> None:
+    @app.middleware("http")
+    async def authorised(request: Request, call_next: Any) -> Any:
+        """With a token, every path (the page, the API, /docs) needs it: as a bearer header, as ``?token=`` (how a
+        browser opens the page; the answer then sets it as a same-site cookie, so a reload works) or that cookie."""
         if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        bearer = given[7:] if given.lower().startswith("bearer ") else request.query_params.get("token", "")
-        if not hmac.compare_digest(bearer.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else (
+            request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE, "")
+        )
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"detail": "missing or wrong token: send 'Authorization: Bearer <token>'"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        response = await call_next(request)
+        if request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def one_line(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -118,11 +128,11 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
         problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in error.errors()]
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
-    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(authorised)], include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
 
-    @app.get("/health", dependencies=[Depends(authorised)])
+    @app.get("/health")
     def health() -> dict[str, Any]:
         first = run.members[0].config.get("encoders", {})
         return {
@@ -135,7 +145,7 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
                        "max_batch": limits.max_batch},
         }
 
-    @app.post("/predict", dependencies=[Depends(authorised)])
+    @app.post("/predict")
     def predict(
         image: UploadFile = File(..., description="The post's image (JPEG, PNG, GIF, WebP, …)."),
         text: str = Form("", description="The post's text; empty predicts from the image (and its text, +ocr)."),
@@ -152,7 +162,7 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
             result = _prediction(run, batcher.predict_proba(post))
         return result | {"seconds": round(time.perf_counter() - started, 4)}
 
-    @app.post("/predict/batch", dependencies=[Depends(authorised)])
+    @app.post("/predict/batch")
     def predict_batch(
         images: list[UploadFile] = File(..., description="One image per post."),
         texts: list[str] = Form(..., description="One text per post, in the order of the images."),

@@ -177,14 +177,19 @@ def test_a_token_is_required_on_every_request(served):
     _, data = served
     guid = read_split(data, "test")[0].guid
     client = TestClient(create_app(served[0], token=TOKEN))
-    for path in ("/", "/health"):
+    for path in ("/", "/health", "/docs", "/openapi.json", "/nowhere"):
         refused(client.get(path), 401, "token")
         refused(client.get(path, headers={"Authorization": "Bearer wrong"}), 401, "token")
-        assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
-    assert client.get(f"/?token={TOKEN}").status_code == 200  # how the page is opened in a browser
+        refused(client.get(f"{path}?token=wrong"), 401, "token")
+        assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code in (200, 404)
     refused(client.post("/predict", files={"image": upload(data, guid)}), 401, "token")
     ok = client.post("/predict", files={"image": upload(data, guid)}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert ok.status_code == 200
+    opened = client.get(f"/?token={TOKEN}")  # how the page is opened in a browser
+    assert opened.status_code == 200 and "httponly" in opened.headers["set-cookie"].lower()
+    assert client.get("/").status_code == 200  # a reload: the cookie carries the token
+    assert client.post("/predict", files={"image": upload(data, guid)}).status_code == 200  # and the page's calls
+    assert TestClient(create_app(served[0], token=TOKEN)).get("/").status_code == 401  # another browser has none
 
 
 def test_binding_beyond_loopback_needs_a_token_or_insecure(served):
