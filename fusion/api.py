@@ -264,8 +264,9 @@ class Run:
             raise ValueError("explain needs members that share their encoders (one run, or the folds of one)")
         encoders = self.encoder_sets[keys.pop()].build(self.device)
         picture = post.picture()
-        features = encoders.features([post], [picture], self.device)
-        probabilities = self.predict_proba([post])[0]  # (C,)
+        features = encoders.features([post], [picture], self.device)  # encoded once, for the prediction and IG
+        members = np.stack([member.probabilities(features) for member in self.members])  # (M, 1, C)
+        probabilities = self.rule.apply(members)[0]  # (C,)
         target = self.labels[int(probabilities.argmax())] if target is None else target
         each = [
             explain(m.head, *with_modalities(features, m.modalities).batch(torch.tensor([0])), target=target,

@@ -92,13 +92,18 @@ def interrupt_after(chunks: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Run, "member_probabilities_cached", dying)
 
 
-def test_an_interrupted_predict_resumes_to_the_same_file(fitted, tmp_path, monkeypatch):
-    out = tmp_path / "sub.csv"
-    interrupt_after(2, monkeypatch)
+def interrupted_predict(fitted, out: Path, chunks: int, monkeypatch) -> Path:
+    """A streaming predict in chunks of 2 rows, killed after ``chunks`` chunks; returns its output path."""
+    interrupt_after(chunks, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         fusion.predict.stream_submission([fitted["run"]], fitted["data"], fitted["cache"], out, chunk_rows=2,
                                          progress=False)
     monkeypatch.undo()
+    return out
+
+
+def test_an_interrupted_predict_resumes_to_the_same_file(fitted, tmp_path, monkeypatch):
+    out = interrupted_predict(fitted, tmp_path / "sub.csv", 2, monkeypatch)
     part = part_path(out, None)
     assert not out.exists() and len(part.read_text().splitlines()) == 1 + 4  # header and two chunks of 2
     with part.open("a") as handle:
@@ -110,12 +115,7 @@ def test_an_interrupted_predict_resumes_to_the_same_file(fitted, tmp_path, monke
 
 
 def test_a_part_of_another_prediction_is_refused(fitted, tmp_path, monkeypatch):
-    out = tmp_path / "sub.csv"
-    interrupt_after(1, monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        fusion.predict.stream_submission([fitted["run"]], fitted["data"], fitted["cache"], out, chunk_rows=2,
-                                         progress=False)
-    monkeypatch.undo()
+    out = interrupted_predict(fitted, tmp_path / "sub.csv", 1, monkeypatch)
     result = predict(fitted, out, "--decision", "geometric")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"error: {part_path(out, None)}: left by another prediction (its decision differ); delete it" in (
