@@ -45,7 +45,10 @@ class EncodedJpeg:
 
     guid: str
     path: Path  # re-read by the PIL path when the tensor decoder refuses the bytes
-    data: torch.Tensor  # (N,) uint8, the whole file
+    # The whole file. Bytes, not a tensor: a tensor leaves a DataLoader worker through a shared-memory
+    # file descriptor of its own, which held resnet50 extraction on an H200 to 728 pairs/s (the cause
+    # profiled with cProfile, the figures from benchmarks/gpu.py); bytes travel in the batch's pickle.
+    data: bytearray
 
 
 RawImage = EncodedJpeg | torch.Tensor | BadImageError  # bytes, PIL-path pixels (3, S, S), or a worker's read error
@@ -111,7 +114,7 @@ def read_raw_image(
     except OSError:
         data = b""  # missing or unreadable: load_image below raises the usual BadImageError
     if is_plain_jpeg(data):
-        return EncodedJpeg(guid, path, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return EncodedJpeg(guid, path, bytearray(data))
     return pil_pixels(load_image(path, guid), image_size=image_size, mean=mean, std=std)
 
 
@@ -121,16 +124,17 @@ def _decode_jpegs(encoded: list[EncodedJpeg], device: torch.device) -> list[torc
 
     if not encoded:
         return []
+    files = [torch.frombuffer(item.data, dtype=torch.uint8) for item in encoded]  # (N_i,) uint8 views, no copy
     try:
         # One call for the batch: on CUDA, nvjpeg decodes the batch together.
-        return list(decode_jpeg([item.data for item in encoded], mode=ImageReadMode.RGB, device=device))
+        return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
         pass
     # One refused file fails the whole call (decode_jpeg returns no partial results): retry one by one.
     images: list[torch.Tensor | None] = []
-    for item in encoded:
+    for data in files:
         try:
-            images.append(decode_jpeg(item.data, mode=ImageReadMode.RGB, device=device))
+            images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
             images.append(None)
     return images

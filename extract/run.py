@@ -18,7 +18,7 @@ from tqdm import tqdm
 from extract.cache import CacheMismatchError, FeatureCache, cache_path, is_cached_unsharded, shard_path, stitch_shards
 from extract.dataset import BadImageError, is_text_only, read_split
 from extract.decode import decode_images, read_raw_image, resolve_decoder
-from extract.device import resolve_device
+from extract.device import resolve_device, tf32_matmuls
 from extract.distributed import Launch, all_gather, barrier, join, leader_first
 from extract.encoders.base import Encoder, PatchImageEncoder
 from extract.ocr import adopted_ocr_path, extract_ocr, merge_ocr_parts, read_ocr
@@ -80,6 +80,7 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = True,
     decode: str = "auto",
+    tf32: bool = True,
     launch: Launch | None = None,
 ) -> ExtractSummary:
     """Encode the guids missing from the cache and append them; resumable by construction.
@@ -89,7 +90,9 @@ def extract_features(
     bytes, ``auto`` = tensor on CUDA, where worker decoding is the bottleneck, PIL otherwise. Text
     encoders read no pixels and ignore it. The decoder is not part of the cache's identity: like GPU
     against CPU arithmetic, it moves features by small amounts (measured by tests/test_decode.py on
-    the CPU, by benchmarks/gpu.py on CUDA).
+    the CPU, by benchmarks/gpu.py on CUDA). Neither is ``tf32``: on CUDA the encoders' float32 matrix
+    products use TF32 (1.3× faster bert-base extraction on an H200), which moves features by about one
+    float16 step of the cache (benchmarks/gpu.py); ``tf32=False`` keeps them in full float32.
 
     ``launch`` (a torchrun rank, extract/distributed.py, process group joined): this rank encodes its
     contiguous slice of ``guids`` into its own shard file, resuming it, and rank 0 stitches the shards
@@ -99,20 +102,21 @@ def extract_features(
     data_dir = Path(data_dir)
     guids = data_guids(data_dir) if guids is None else guids
     path = cache_path(cache_root, data_dir, encoder.kind, encoder.name)
+    identity = encoder.describe()  # before the move: hashing the weights reads them all, from the host here
     encoder = encoder.to(device).eval()
     loop = {
         "data_dir": data_dir, "batch_size": batch_size, "device": device, "skip_bad": skip_bad,
         "num_workers": default_workers(launch and launch.cores()) if num_workers is None else num_workers,
-        "decoder": resolve_decoder(decode, device),
+        "decoder": resolve_decoder(decode, device), "tf32": tf32,
     }
     if launch is None:
-        with FeatureCache(path, encoder.describe(), data_dir) as cache:
+        with FeatureCache(path, identity, data_dir) as cache:
             encoded, skipped = _encode_missing(encoder, cache, guids, progress=progress, **loop)
         return ExtractSummary(path, len(guids), encoded, skipped)
-    if is_cached_unsharded(path, launch.world_size, encoder.describe(), guids):
+    if is_cached_unsharded(path, launch.world_size, identity, guids):
         return ExtractSummary(path, len(guids), 0, [])
     share = launch.share(guids)
-    with FeatureCache(shard_path(path, launch.rank, launch.world_size), encoder.describe(), data_dir) as shard:
+    with FeatureCache(shard_path(path, launch.rank, launch.world_size), identity, data_dir) as shard:
         strays = shard.guids() - set(share)
         if strays:
             raise CacheMismatchError(
@@ -224,6 +228,7 @@ def _encode_missing(
     skip_bad: bool,
     num_workers: int,
     decoder: str,
+    tf32: bool,
     progress: bool,
 ) -> tuple[int, list[str]]:
     """Encode the ``guids`` the open cache lacks, in their order, appending batch by batch: (rows written, skipped)."""
@@ -240,7 +245,7 @@ def _encode_missing(
         pin_memory=torch.device(device).type == "cuda",
     )
     bar = tqdm(total=len(todo), unit="pair", desc=f"{encoder.kind}:{encoder.name}", disable=not progress)
-    with bar, torch.inference_mode():
+    with bar, torch.inference_mode(), tf32_matmuls(device, tf32):
         for batch in loader:
             if tensor_decode:  # JPEG bytes → (3, S, S) pixels on the device, or the file's BadImageError
                 pixels = decode_images([item for _, item in batch], **square, device=device)
@@ -251,8 +256,8 @@ def _encode_missing(
                 raise bad[0][1]
             if good:
                 features, mask = fast.encode([item for _, item in good], device)  # (B, L, D), (B, L)
-                cache.append([g for g, _ in good], features.float().cpu().numpy().astype(np.float16),
-                             mask.cpu().numpy())
+                # float16 on the device: half the bytes to copy, and the same rounding as numpy's
+                cache.append([g for g, _ in good], features.to(torch.float16).cpu().numpy(), mask.cpu().numpy())
             if bad:
                 # A skipped pair keeps a row whose mask is all False, so later stages see "no input".
                 cache.append([g for g, _ in bad], np.zeros((len(bad), 1, encoder.dim), np.float16),

@@ -22,6 +22,7 @@ a memo kept by the ``Run`` and keyed by the rows asked for, so no call can recei
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from torch import nn
 from extract import defaults
 from extract.cache import check_identity
 from extract.dataset import LABELS, load_image, rgb_image
-from extract.device import resolve_device
+from extract.device import resolve_device, tf32_matmuls
 from extract.encoders.base import Encoder
 from extract.ocr import ocr_path, read_ocr
 from extract.registry import create_encoder
@@ -106,9 +107,12 @@ class EncoderSet:
         """The normalised features of a batch of posts, rows in order, on the CPU."""
         self.build(device)
         names = [f"<post {i}>" for i in range(len(posts))]
-        text = [_on_cpu(e.encode([e.post_item(p.text, pic) for p, pic in zip(posts, pictures)], device))
-                for e in self.text]  # each (B, T_i, D_i), (B, T_i)
-        image = [_on_cpu(e.encode([e.pixels(pic) for pic in pictures], device)) for e in self.image]  # (B, P_i, D_i)
+        # A fit run's features as extraction computes them, TF32 matrix products on CUDA included.
+        with tf32_matmuls(device) if self.descriptions is not None else contextlib.nullcontext():
+            text = [_on_cpu(e.encode([e.post_item(p.text, pic) for p, pic in zip(posts, pictures)], device))
+                    for e in self.text]  # each (B, T_i, D_i), (B, T_i)
+            image = [_on_cpu(e.encode([e.pixels(pic) for pic in pictures], device))
+                     for e in self.image]  # each (B, P_i, D_i), (B, P_i)
         if self.descriptions is not None:
             return PairFeatures.from_encoders(names, text, image)
         (text_tokens, text_mask), (image_patches, image_mask) = text[0], image[0]
