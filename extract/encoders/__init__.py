@@ -1,3 +1,10 @@
 """Built-in encoders; importing a module registers its names."""
 
-from extract.encoders import efficientnet_lite, hf_text, mpnet, resmem_resnet, torchvision_image  # noqa: F401
+from extract.encoders import (  # noqa: F401
+    efficientnet_lite,
+    face_emotions,
+    hf_text,
+    mpnet,
+    resmem_resnet,
+    torchvision_image,
+)
