@@ -2,7 +2,6 @@
 
     python -m benchmarks.ocr --data DIR --reference OLD.jsonl [--limit N] [--workers N] [--json FILE]
                              [--cache DIR] [--det-min-side 0] [--max-side 2000] [--cls] [--rec-batch 6]
-                             [--runtime openvino|onnxruntime]
 
 Reads the images of the first ``--limit`` guids (default: all, train then test, the order of
 ``extract``) with ``extract_ocr`` into a scratch cache, or into ``--cache`` to keep the texts
@@ -10,8 +9,7 @@ Reads the images of the first ``--limit`` guids (default: all, train then test, 
 worker start-up and model loading included, as an extraction pays them. The settings default to
 ``extract.ocr.OCR_SETTINGS`` (rapidocr's own, which also wrote ``ocr-rapidocr.jsonl`` before
 settings had tags); the options change them (the fast settings measured in the README:
-``--det-min-side 0 --no-cls``). ``--runtime`` picks where the models run (default: OpenVINO
-where installed, ``extract.ocr.default_ocr_runtime``); the cache file is the same for both.
+``--det-min-side 0 --no-cls``).
 
 Agreement is measured on the guids present in ``--reference`` (a partial file is fine): the
 share of images whose text is identical, where both are empty, where the reference has text
@@ -30,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from extract.ocr import OCR_RUNTIMES, OCR_SETTINGS, OcrSettings, extract_ocr, ocr_path, read_ocr
+from extract.ocr import OCR_SETTINGS, OcrSettings, extract_ocr, ocr_path, read_ocr
 from extract.run import data_guids
 
 
@@ -81,8 +79,7 @@ def bench(data: Path, cache: Path, guids: list[str], workers: int | None, settin
     texts = extract_ocr(data, cache, guids, workers=workers, settings=settings)
     seconds = time.perf_counter() - started
     return {
-        "settings": settings.tag, "runtime": settings.runtime,
-        "workers": os.cpu_count() if workers is None else workers, "images read": read,
+        "settings": settings.tag, "workers": os.cpu_count() if workers is None else workers, "images read": read,
         "wall s": round(seconds, 1), "images/s": round(read / seconds, 2) if read else "n/a",
         "texts": texts,
     }
@@ -99,13 +96,12 @@ def main() -> None:
     parser.add_argument("--max-side", type=int, default=OCR_SETTINGS.max_side)
     parser.add_argument("--cls", action=argparse.BooleanOptionalAction, default=OCR_SETTINGS.use_cls)
     parser.add_argument("--rec-batch", type=int, default=OCR_SETTINGS.rec_batch)
-    parser.add_argument("--runtime", choices=list(OCR_RUNTIMES), default=OCR_SETTINGS.runtime)
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if not args.reference.is_file():
         raise SystemExit(f"error: {args.reference}: reference OCR file not found")
     settings = OcrSettings(det_min_side=args.det_min_side, max_side=args.max_side, use_cls=args.cls,
-                           rec_batch=args.rec_batch, runtime=args.runtime)
+                           rec_batch=args.rec_batch)
     guids = data_guids(args.data)[: args.limit]
 
     with tempfile.TemporaryDirectory() as scratch:

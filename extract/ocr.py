@@ -12,15 +12,13 @@ segment (``+ocr``); an image without text gives an empty segment.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,18 +34,6 @@ ENGINE = "rapidocr"
 _GLUED = re.compile(r"[A-Za-z]{9,}")  # rapidocr often drops the spaces between words: "Ihavefamily"
 
 Reader = Callable[[Image.Image], str]
-
-# Runtime → the rapidocr package that runs the same PP-OCRv4 models on it.
-OCR_RUNTIMES = {"openvino": "rapidocr_openvino", "onnxruntime": "rapidocr_onnxruntime"}
-
-
-def default_ocr_runtime() -> str:
-    """OpenVINO where installed, else ONNX Runtime.
-
-    Both run the same models and read the same text (on the first 1,000 images of MVSA-Single,
-    ``results/ocr-runtimes.json``); on one thread OpenVINO reads an image about 1.8× faster here.
-    """
-    return next((name for name, package in OCR_RUNTIMES.items() if importlib.util.find_spec(package)), "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -66,17 +52,12 @@ class OcrSettings:
     max_side: int = 2000  # a larger image is first shrunk until its long side is this (rapidocr's default)
     use_cls: bool = True  # the 180° orientation classifier on every detected line
     rec_batch: int = 6  # lines recognised per batch, each padded to the widest: this changes the text too
-    # Where the models run. Not in ``tag`` nor in equality: both runtimes read the same text, so a cache
-    # filled by one serves the other, as a cache of GPU features serves CPU predictions.
-    runtime: str = field(default_factory=default_ocr_runtime, compare=False)
 
     def __post_init__(self) -> None:
         if self.det_min_side < 0 or self.max_side < 32 or self.rec_batch < 1:
             raise ValueError(
                 f"OCR settings need det_min_side >= 0, max_side >= 32 and rec_batch >= 1, got {self}"
             )
-        if self.runtime not in OCR_RUNTIMES:
-            raise ValueError(f"unknown OCR runtime {self.runtime!r}; expected one of {list(OCR_RUNTIMES)}")
 
     @property
     def tag(self) -> str:
@@ -97,27 +78,18 @@ OCR_SETTINGS = OcrSettings()  # what extract, predict and the "+ocr" encoders' c
 class OcrReader:
     """Text found in an image, lines in reading order joined by spaces, glued words split.
 
-    ``threads``: the runtime's threads per model, None for every core (one image at a time); the
+    ``threads``: ONNX Runtime threads per model, None for every core (one image at a time); the
     text does not depend on it.
     """
 
     def __init__(self, settings: OcrSettings = OCR_SETTINGS, *, threads: int | None = None) -> None:
-        package = OCR_RUNTIMES[settings.runtime]
         try:
-            rapidocr = importlib.import_module(package)
+            from rapidocr_onnxruntime import RapidOCR
         except ImportError as error:
-            raise ImportError(
-                f"OCR on {settings.runtime} needs the package {package.replace('_', '-')} "
-                "(pip install -r requirements.txt)"
-            ) from error
+            raise ImportError("OCR needs the package rapidocr-onnxruntime (pip install -r requirements.txt)") from error
         self.settings = settings
-        if not threads:
-            threads_options = {}
-        elif settings.runtime == "openvino":
-            threads_options = {"inference_num_threads": threads}
-        else:
-            threads_options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-        self.engine = rapidocr.RapidOCR(**settings.engine_options(), **threads_options)
+        threads_options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1} if threads else {}
+        self.engine = RapidOCR(**settings.engine_options(), **threads_options)
 
     def __call__(self, image: Image.Image) -> str:
         found, _ = self.engine(np.asarray(image)[:, :, ::-1])  # RGB → BGR, OpenCV's order
@@ -203,7 +175,7 @@ def extract_ocr(
     ``part``: under torchrun, this rank's own file (``ocr_part_path``), which ``merge_ocr_parts`` then
     appends to the cache's: each file has one writer.
 
-    ``workers`` processes (default: one per CPU core) each read whole images on one runtime
+    ``workers`` processes (default: one per CPU core) each read whole images on one ONNX Runtime
     thread: the models' small convolutions keep two threads busy far less than two images do.
     0 or 1 reads in this process. ``reader`` replaces the rapidocr reader built from ``settings``
     (tests); with workers it must pickle wherever processes are spawned rather than forked.

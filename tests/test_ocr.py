@@ -10,20 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from extract import ocr
 from extract.dataset import BadImageError, image_path, read_split
 from extract.encoders import hf_text
-from extract.ocr import (
-    OCR_RUNTIMES,
-    OCR_SETTINGS,
-    OcrReader,
-    OcrSettings,
-    clean_ocr_text,
-    default_ocr_runtime,
-    extract_ocr,
-    ocr_path,
-    read_ocr,
-)
+from extract.ocr import OCR_SETTINGS, OcrSettings, clean_ocr_text, extract_ocr, ocr_path, read_ocr
 from extract.registry import create_text_encoder
 from extract.run import data_guids
 
@@ -66,32 +55,6 @@ def test_rapidocr_finds_drawn_text_in_worker_processes_and_caches_it(data_dir, t
     assert "GOOD" in texts[guids[1]].upper() and "NEWS" in texts[guids[1]].upper()
     path = ocr_path(tmp_path / "cache", data_dir)
     assert path.name == f"ocr-rapidocr-{OCR_SETTINGS.tag}.jsonl" and read_ocr(path) == texts
-
-
-def test_both_runtimes_read_the_same_drawn_text(tmp_path):
-    for package in OCR_RUNTIMES.values():
-        pytest.importorskip(package)
-    draw_text(tmp_path / "drawn.png", "HAPPY FRIDAY")
-    image = Image.open(tmp_path / "drawn.png").convert("RGB")
-    texts = {runtime: OcrReader(OcrSettings(runtime=runtime), threads=1)(image) for runtime in OCR_RUNTIMES}
-    assert texts["openvino"] == texts["onnxruntime"]
-    assert "HAPPY" in texts["openvino"].upper() and "FRIDAY" in texts["openvino"].upper()
-
-
-def test_default_runtime_is_openvino_where_installed_else_onnxruntime(monkeypatch):
-    installed = {"rapidocr_openvino", "rapidocr_onnxruntime"}
-    monkeypatch.setattr(ocr.importlib.util, "find_spec", lambda name: object() if name in installed else None)
-    assert default_ocr_runtime() == "openvino" and OcrSettings().runtime == "openvino"
-    installed.remove("rapidocr_openvino")
-    assert default_ocr_runtime() == "onnxruntime" and OcrSettings().runtime == "onnxruntime"
-
-
-def test_the_runtime_names_no_cache_and_must_be_known():
-    # Both runtimes read the same text, so they share one cache file and one text-cache identity.
-    openvino, onnxruntime = OcrSettings(runtime="openvino"), OcrSettings(runtime="onnxruntime")
-    assert openvino == onnxruntime and openvino.tag == onnxruntime.tag
-    with pytest.raises(ValueError, match="unknown OCR runtime 'tflite'"):
-        OcrSettings(runtime="tflite")
 
 
 def test_ocr_cache_resumes_and_survives_a_torn_line(data_dir, tmp_path):
