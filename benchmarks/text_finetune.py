@@ -31,11 +31,13 @@ from tqdm import tqdm
 
 from extract import defaults
 from extract.cache import cache_path
-from extract.dataset import read_text
+from extract.dataset import LABELS, read_text
 from extract.encoders.hf_text import HFTextEncoder
 from extract.registry import create_text_encoder
 from extract.run import data_guids, extract_features
 from fusion.config import FitConfig
+from fusion.finetune import lr_schedule
+from fusion.losses import inverse_frequency_weights
 from fusion.metrics import mean_std, metric_of
 from fusion.run import fit_fold, labelled_rows, load_labelled
 from fusion.split import fold_splits
@@ -49,17 +51,12 @@ def finetune_text(
 ) -> HFTextEncoder:
     """Train ``encoder.model`` with a linear classifier on its mean-pooled tokens, in place; returns it in eval mode."""
     torch.manual_seed(seed)
-    classifier = nn.Linear(encoder.model.config.hidden_size, int(labels.max()) + 1)
+    classifier = nn.Linear(encoder.model.config.hidden_size, len(LABELS))
     parameters = list(encoder.model.parameters()) + list(classifier.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(texts) / batch_size)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / (steps - warmup)))
-    )
-    counts = np.bincount(labels, minlength=classifier.out_features)
-    weights = torch.as_tensor(len(labels) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)  # (C,)
-    loss_of = nn.CrossEntropyLoss(weight=weights)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(steps, warmup=0.1, schedule="linear"))
+    loss_of = nn.CrossEntropyLoss(weight=inverse_frequency_weights(labels, len(LABELS)))
     targets = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     encoder.model.train()
@@ -100,6 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     guids, labels = labelled_rows(args.data)
+    every_pair = data_guids(args.data)
     texts = [read_text(args.data, guid) for guid in guids]
     splits = fold_splits(labels, args.folds, FitConfig.val_fraction, args.split_seed)
     frozen = load_labelled(args.data, args.cache, text_encoder=args.text_encoder, image_encoder=args.image_encoder)
@@ -115,7 +113,7 @@ def main() -> None:
                           lr=args.lr, batch_size=args.batch_size, seed=fold)
             finetuned_seconds = time.perf_counter() - started
             root = Path(scratch) / f"fold-{fold}"
-            extract_features(encoder, args.data, root, guids=data_guids(args.data), batch_size=64)
+            extract_features(encoder, args.data, root, guids=every_pair, batch_size=64)
             linked = cache_path(root, args.data, "image", args.image_encoder)
             linked.symlink_to(image_cache.resolve())  # the image features are the frozen encoder's, shared
             tuned = load_labelled(args.data, root, text_encoder=args.text_encoder, image_encoder=args.image_encoder)
