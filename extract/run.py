@@ -91,7 +91,7 @@ def extract_features(
     encoders read no pixels and ignore it. The decoder is not part of the cache's identity: like GPU
     against CPU arithmetic, it moves features by small amounts (measured by tests/test_decode.py on
     the CPU, by benchmarks/gpu.py on CUDA). Neither is ``tf32``: on CUDA the encoders' float32 matrix
-    products use TF32 (1.3× faster bert-base extraction on an H200), which moves features by about one
+    products use TF32 (about 1.5× faster bert-base extraction on an H200), which moves features by about one
     float16 step of the cache (benchmarks/gpu.py); ``tf32=False`` keeps them in full float32.
 
     ``launch`` (a torchrun rank, extract/distributed.py, process group joined): this rank encodes its
