@@ -149,18 +149,20 @@ def bench_poolings(data: Path, cache: Path, text_encoder: str, image_encoder: st
                 "notes": f"pooling once {pooled:.2f} s; cache load {loaded:.1f} s; {len(result.trainer.history_)} "
                 f"epochs; val macro-F1 {result.validation['macro_f1']:.4f}",
             })
-        for batch_folds in (False, True):  # the folds fitted one by one, then as one batched model (--batch-folds)
+        # the fits one by one, then (--batch-folds) all 80 as one batched model, in one process or two workers
+        for batch_folds, jobs in ((False, 1), (True, 1), (True, 2)):
             started = time.perf_counter()
             trials, board = sweep_from_cache(
-                data, cache, Path(scratch) / f"sweep-{batch_folds}",
-                build_grids(grid, ["batch_folds=true"] if batch_folds else []), SweepOptions(folds=5),
+                data, cache, Path(scratch) / f"sweep-{batch_folds}-{jobs}",
+                build_grids(grid, ["batch_folds=true"] if batch_folds else []), SweepOptions(folds=5, jobs=jobs),
                 text_encoder=text_encoder, image_encoder=image_encoder, echo=lambda line: None,
             )
             seconds = time.perf_counter() - started
             best = board[0]
             rows.append({
                 "what": f"5-fold comparison of {len(trials)} fixed poolings (`{grid}`"
-                + (", `--batch-folds`: each configuration's 5 folds one batched model" if batch_folds else "")
+                + (", `--batch-folds`: the 80 fits as one batched model" if batch_folds else "")
+                + (f", `--jobs {jobs}`: in {jobs} halves, one per worker" if jobs > 1 else "")
                 + "), from loading the cache",
                 "fits": len(trials) * 5, "seconds": f"{seconds:.1f}",
                 "notes": f"best {best['config']}: macro-F1 {best['macro_f1_mean']:.4f} ± {best['macro_f1_std']:.4f}",

@@ -85,17 +85,27 @@ def project_and_pool(
         return pool(positions(projected) if positions is not None else projected, mask)
     batch, dim = x.shape[0], projection.linear.out_features
     keep = projection.dropout.keep_mask(batch, dim, x)  # (B, D) or None
-    scores = None
+    if x.shape[1] == 1:  # pre-pooled: the vector itself (a masked row is zeroed below), no (B, D_in) mask product
+        pooled = projection.linear(x[:, 0])  # (B, D)
+    else:
+        pooled = projection.linear(pool(x, mask, _attention_scores(projection, pool, x, keep)))  # (B, D)
+    if keep is not None:
+        pooled = pooled * keep
+    return torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
+
+
+def _attention_scores(
+    projection: Projection, pool: Pool, x: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Attention pooling's scores (B, L) of the projected positions, computed on the inputs; None for other poolings."""
+    batch, dim = x.shape[0], projection.linear.out_features
     if pool.kind == "attention":
         query = pool.query.expand(batch, dim) if keep is None else pool.query * keep  # (B, D)
         direction = query @ projection.linear.weight  # (B, D_in)
         # (B, 1, D_in) @ (B, D_in, L), not x @ direction: the same numbers, but CPU kernels run this
         # orientation (and its backward, grad @ x) about five times faster.
-        scores = (direction.unsqueeze(1) @ x.transpose(1, 2)).squeeze(1) / math.sqrt(dim)  # (B, L)
-    pooled = projection.linear(pool(x, mask, scores))  # (B, D)
-    if keep is not None:
-        pooled = pooled * keep
-    return torch.where(mask.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
+        return (direction.unsqueeze(1) @ x.transpose(1, 2)).squeeze(1) / math.sqrt(dim)  # (B, L)
+    return None
 
 
 class PoolsInputs:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import yaml
 
-from fusion.batched import fit_folds_batched
+from fusion.batched import batch_key, fit_folds_batched
 from fusion.calibration import log_prior, tune_tau
 from fusion.config import CACHE_SIZES, FitConfig
 from fusion.features import LoadedFeatures
@@ -304,9 +304,12 @@ class SweepInputs:
     options: SweepOptions
 
 
-Task = tuple[Trial, tuple[int, ...]]  # a configuration and the folds fitted together: one, or all K (batch_folds)
+# Configurations fitted together on these folds: one configuration on one fold, or (batch_folds) every fold of
+# configurations that share one batched model.
+Task = tuple[tuple[Trial, ...], tuple[int, ...]]
 Done = Callable[[int, list[FoldResult]], None]  # called with a task's position in the task list and its results
 Executor = Callable[[SweepInputs, list[Task], Done], None]  # fits every task, calling ``Done`` as each one ends
+MAX_BATCHED_FITS = 100  # fits in one batched model: 100 gated heads of the defaults' sizes hold ~1 GB of weights
 
 
 def trial_splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -315,40 +318,58 @@ def trial_splits(labels: np.ndarray, trial: Trial, options: SweepOptions) -> lis
     return fold_splits(labels, options.folds, trial.fit_config.val_fraction, options.split_seed)
 
 
-def trial_tasks(trials: list[Trial], folds: int) -> list[Task]:
-    """The sweep's units of work: each (configuration, fold) alone, or a configuration's K folds as one batched fit
-    when it asks for ``batch_folds`` (as ``fit --folds K --batch-folds`` fits them)."""
-    return [
-        task for trial in trials
-        for task in ([(trial, tuple(range(folds)))] if trial.fit_config.batch_folds and folds > 1
-                     else [(trial, (fold,)) for fold in range(folds)])
-    ]
+def trial_tasks(labelled: dict[tuple[str, str], LabelledFeatures], trials: list[Trial], options: SweepOptions
+                ) -> list[Task]:
+    """The sweep's units of work, in trial order: each (configuration, fold) alone; with ``batch_folds`` (K ≥ 2),
+    the K folds of every configuration that shares one batched model (``fusion.batched.batch_key``: the same
+    training options and head weights, fixed poolings aside) fitted as one, in ``options.jobs`` parts so that each
+    worker has one, of at most ``MAX_BATCHED_FITS`` fits."""
+    groups: dict[tuple[Any, ...], list[Trial]] = {}  # trials that batch together, by their first trial's position
+    for trial in trials:
+        if trial.fit_config.batch_folds and options.folds > 1:
+            head_config = labelled[trial.encoders].head_config(trial.fit_config.head, trial.head_options)
+            key = (trial.encoders, batch_key(trial.fit_config, head_config))
+        else:
+            key = (trial.index,)
+        groups.setdefault(key, []).append(trial)
+    tasks: list[Task] = []
+    for group in groups.values():
+        if len(group) == 1 and not (group[0].fit_config.batch_folds and options.folds > 1):
+            tasks += [((group[0],), (fold,)) for fold in range(options.folds)]
+            continue
+        size = min(-(-len(group) // options.jobs), max(1, MAX_BATCHED_FITS // options.folds))  # trials per part
+        tasks += [(tuple(group[start : start + size]), tuple(range(options.folds)))
+                  for start in range(0, len(group), size)]
+    return tasks
 
 
-def fit_task(inputs: SweepInputs, trial: Trial, folds: tuple[int, ...]) -> list[FoldResult]:
-    """Fit ``trial`` on ``folds`` into ``runs/<trial>/``: the one fit every backend executes.
+def fit_task(inputs: SweepInputs, trials: tuple[Trial, ...], folds: tuple[int, ...]) -> list[FoldResult]:
+    """Fit ``trials`` on ``folds`` into ``runs/<trial>/``: the one fit every backend executes.
 
-    The split and the fit are ``fusion.run.fit_fold``'s (all K folds batched as ``fusion.run.fit_folds`` batches
-    them), as for ``fit --folds K --split-seed S``.
+    The split and the fit are ``fusion.run.fit_fold``'s (all K folds of the trials batched as ``fusion.run.fit_folds``
+    batches one configuration's), as for ``fit --folds K --split-seed S``.
     """
-    options, trial_dir = inputs.options, inputs.out / "runs" / trial.folder
-    labelled = inputs.labelled[trial.encoders]
-    fitted: list[HeadTrainer | None] = [None] * options.folds  # None: fit_fold fits the fold itself
+    options = inputs.options
+    labelled = inputs.labelled[trials[0].encoders]  # a batch of several trials reads one pair of caches
+    fitted: list[list[HeadTrainer | None]] = [[None] * options.folds]  # None: fit_fold fits the fold itself
     if len(folds) > 1:
-        fitted = list(fit_folds_batched(
-            labelled, trial.fit_config, trial.head_options, folds=options.folds, split_seed=options.split_seed
-        ))
-    results = []
-    for fold in folds:
-        result = fit_fold(
-            labelled, trial_dir, trial.fit_config, trial.head_options, fold, folds=options.folds,
-            split_seed=options.split_seed, progress=False, fitted=fitted[fold],
+        fitted = fit_folds_batched(
+            labelled, [(trial.fit_config, trial.head_options) for trial in trials], folds=options.folds,
+            split_seed=options.split_seed,
         )
-        results.append(FoldResult(
-            trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation,
-            result.val_probabilities, result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_,
-            result.adjustment.tau,
-        ))
+    results = []
+    for trial, trainers in zip(trials, fitted):
+        trial_dir = inputs.out / "runs" / trial.folder
+        for fold in folds:
+            result = fit_fold(
+                labelled, trial_dir, trial.fit_config, trial.head_options, fold, folds=options.folds,
+                split_seed=options.split_seed, progress=False, fitted=trainers[fold],
+            )
+            results.append(FoldResult(
+                trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation,
+                result.val_probabilities, result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_,
+                result.adjustment.tau,
+            ))
     return results
 
 
@@ -400,24 +421,22 @@ def fit_trials(
 
     ``labelled`` holds the loaded features of each trial's (text, image) encoders.
     """
-    tasks = trial_tasks(trials, options.folds)
-    fits = sum(len(folds) for _, folds in tasks)
-    results: dict[int, list[FoldResult]] = {}
-    reported = 0
+    tasks = trial_tasks(labelled, trials, options)
+    fits = sum(len(group) * len(folds) for group, folds in tasks)
+    names = {trial.index: trial.name for trial in trials}
+    results: list[FoldResult] = []
 
     def done(position: int, fitted: list[FoldResult]) -> None:
-        nonlocal reported
-        trial, _ = tasks[position]
-        results[position] = fitted
         for result in fitted:
-            reported += 1
+            results.append(result)
             echo(
-                f"[{reported}/{fits}] {trial.name} fold {result.fold}: macro-F1 {result.validation['macro_f1']:.4f}, "
-                f"neutral recall {metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
+                f"[{len(results)}/{fits}] {names[result.index]} fold {result.fold}: macro-F1 "
+                f"{result.validation['macro_f1']:.4f}, neutral recall "
+                f"{metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
             )
 
     executor(options.backend)(SweepInputs(labelled, Path(out), options), tasks, done)
-    return [result for position in range(len(tasks)) for result in results[position]]
+    return sorted(results, key=lambda result: (result.index, result.fold))
 
 
 def cross_fitted(results: list[FoldResult], labels: np.ndarray, val_rows: list[np.ndarray],

@@ -15,8 +15,9 @@ import cli
 from fusion.batched import Member, check_batchable, fit_batched
 from fusion.config import FitConfig
 from fusion.registry import input_poolings
-from fusion.run import read_config, read_metrics
+from fusion.run import load_labelled, read_config, read_metrics
 from fusion.split import stratified_folds
+from fusion.sweep import SweepOptions, trial_tasks
 from fusion.train import HeadTrainer
 
 N, FOLDS = 101, 3  # folds of 67 or 68 training rows: with batches of 8, the last batch is 3 or 4 rows
@@ -123,3 +124,28 @@ def test_sweep_and_fit_batch_folds_write_the_runs_of_the_separate_fits(tiny_cach
         assert read_config(tmp_path / "fit" / f"fold-{fold}")["fit"]["batch_folds"] is True
     refused = CliRunner().invoke(cli.app, ["fit", "--out", str(tmp_path / "one"), "--batch-folds"])
     assert refused.exit_code != 0 and "--folds K" in refused.output
+
+
+def test_sweep_batches_the_fixed_poolings_of_a_head_together(tiny_cache, tmp_path):
+    """With batch_folds, the sweep fits every configuration that shares a batch key as one model (in --jobs parts):
+    here 2 × 2 fixed poolings × 3 folds, whose runs are, without dropout, those of the separate fits."""
+    pools = {"text_pool": ["mean", "max"], "image_pool": ["last", "mean"]}
+    grid = TINY | {"head": ["gated"], "dropout": [0.0], "epochs": [4]} | pools
+    separate_trials, separate_rows = run(tiny_cache, tmp_path / "separate", [grid], folds=3)
+    batched = grid | {"batch_folds": [True]}
+    trials, rows = run(tiny_cache, tmp_path / "batched", [batched], folds=3)
+    labelled = {trials[0].encoders: load_labelled(
+        tiny_cache["data_dir"], tiny_cache["cache_root"], text_encoder=tiny_cache["text_encoder"],
+        image_encoder=tiny_cache["image_encoder"],
+    )}
+    for jobs, parts in ((1, [4]), (2, [2, 2]), (3, [2, 2])):
+        tasks = trial_tasks(labelled, trials, SweepOptions(folds=3, jobs=jobs))
+        assert [len(group) for group, _ in tasks] == parts and all(folds == (0, 1, 2) for _, folds in tasks)
+    assert [row["config"] for row in rows] == [row["config"] for row in separate_rows]
+    for row, alone in zip(rows, separate_rows):
+        assert (row["macro_f1_mean"], row["macro_f1_std"]) == (alone["macro_f1_mean"], alone["macro_f1_std"])
+    for trial, alone in zip(trials, separate_trials):
+        for fold in range(3):
+            one, other = (read_metrics(out / "runs" / t.folder / f"fold-{fold}")
+                          for out, t in ((tmp_path / "batched", trial), (tmp_path / "separate", alone)))
+            assert (one["validation"], one["best_epoch"]) == (other["validation"], other["best_epoch"])
