@@ -117,7 +117,8 @@ def extract(
 
 BatchFoldsOption = typer.Option(
     FitConfig.batch_folds, "--batch-folds", help="With --folds K: train the K folds as one batched model, pooled heads "
-    "only (fusion/batched.py): the same fits without dropout, other dropout masks with it.",
+    "only (fusion/batched.py); sweep also batches the configurations that can share it (e.g. every fixed pooling of "
+    "one head), in --jobs parts. The same fits without dropout, other dropout masks with it.",
 )
 
 

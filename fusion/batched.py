@@ -166,7 +166,7 @@ def reuse_freed_memory() -> None:
 
     A batched step allocates and frees many MB-sized activations ((K, B, D) for 80 members is 2.6 MB). By
     default glibc maps each from the system and unmaps it when freed, so every op's output faults its pages
-    in again: 85.5 s against 74.4 s for the 80 fixed-pooling fits here. The process then keeps up to 1 GB
+    in again. The process then keeps up to 1 GB
     of freed memory instead of returning it at once.
     """
     try:
