@@ -166,8 +166,7 @@ def reuse_freed_memory() -> None:
 
     A batched step allocates and frees many MB-sized activations ((K, B, D) for 80 members is 2.6 MB). By
     default glibc maps each from the system and unmaps it when freed, so every op's output faults its pages
-    in again. The process then keeps up to 1 GB
-    of freed memory instead of returning it at once.
+    in again. The process then keeps up to 1 GB of freed memory instead of returning it at once.
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
@@ -197,7 +196,7 @@ def fit_batched(members: list[Member], *, progress: bool = False) -> list[HeadTr
     generators = [torch.Generator().manual_seed(m.fit_config.seed) for m in members]
     criteria = [training_loss(m.fit_config, m.labels[m.train_rows], m.head_config.num_classes) for m in members]
     targets = [torch.as_tensor(m.labels[m.train_rows], dtype=torch.long) for m in members]  # (N_train,) each
-    # name → (K, …), every matrix stored transposed (K, in, out): CPU batched matmuls run ~2× faster on it, its
+    # name → (K, …), every matrix stored transposed (K, in, out): CPU batched matmuls run faster on it, its
     # gradient comes out in that layout with no transposing copy, and the head reads (K, out, in) views of it
     optimizer = StackedAdamW(
         {name: transposed(p.detach()).requires_grad_() for name, p in stack_module_state(models)[0].items()},

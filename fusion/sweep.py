@@ -20,9 +20,10 @@ which is what ``predict`` applies.
 The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``, ``leaderboard.png``,
 ``report.md``, ``sweep.json`` (options, trials, every fit's scores, the leaderboard) and ``runs/``.
 
-Backends differ only in how the (configuration, fold) fits are executed: ``local`` fits them in
-this process or a fork-based pool (``--jobs``); ``ray`` makes each one a Ray Tune trial on a Ray
-cluster (``fusion/sweep_ray.py``, imported only then). Both call ``fit_task`` and hand back the same
+Backends differ only in how the tasks are executed (a (configuration, fold) fit, or with
+``batch_folds`` the K folds of every configuration that shares one batched model): ``local`` fits
+them in this process or a fork-based pool (``--jobs``); ``ray`` makes each one a Ray Tune trial on
+a Ray cluster (``fusion/sweep_ray.py``, imported only then). Both call ``fit_task`` and hand back the same
 ``FoldResult``s, from which the same code writes the leaderboard and report.
 """
 
