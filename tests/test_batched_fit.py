@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from test_train import head_config, synthetic
 from typer.testing import CliRunner
 
 import cli
-from fusion.batched import Member, check_batchable, fit_batched
+from fusion.batched import Member, StackedInputs, check_batchable, fit_batched
 from fusion.config import FitConfig
 from fusion.registry import input_poolings
 from fusion.run import load_labelled, read_config, read_metrics
@@ -149,3 +150,22 @@ def test_sweep_batches_the_fixed_poolings_of_a_head_together(tiny_cache, tmp_pat
             one, other = (read_metrics(out / "runs" / t.folder / f"fold-{fold}")
                           for out, t in ((tmp_path / "batched", trial), (tmp_path / "separate", alone)))
             assert (one["validation"], one["best_epoch"]) == (other["validation"], other["best_epoch"])
+
+
+def test_stacked_inputs_join_streams_of_other_lengths():
+    """Members reading streams of other lengths get each its own rows, padded to the longest real position in the
+    step: the masks of PairFeatures.batch and the features at every real position, whatever the padding holds."""
+    labels = np.random.default_rng(1).integers(0, 3, N)
+    long = synthetic(labels, seed=0)
+    short = dataclasses.replace(long, text=long.text[:, :3].clone(), text_mask=long.text_mask[:, :3].clone())
+    picked = [Member(FitConfig(), head_config(), features, labels, np.arange(N), np.arange(N)) for features in
+              (long, short, long)]
+    rows = [torch.tensor([5, 1, 7]), torch.tensor([2, 9]), torch.tensor([0])]
+    stacked = StackedInputs(picked, ("text", "image")).gather([0, 1, 2], [np.arange(N)] * 3, rows)
+    for k, (member, pick) in enumerate(zip(picked, rows)):
+        padded = torch.cat([pick, torch.zeros(3 - len(pick), dtype=torch.long)])  # padded with the member's row 0
+        own = member.features.batch(padded)
+        for features, mask, (own_features, own_mask) in zip(stacked[::2], stacked[1::2], (own[:2], own[2:])):
+            length = own_mask.shape[1]
+            assert not mask[k, :, length:].any() and torch.equal(mask[k, :, :length], own_mask)
+            torch.testing.assert_close(features[k, :, :length][own_mask], own_features[own_mask], rtol=0, atol=0)
