@@ -325,17 +325,19 @@ def trial_tasks(labelled: dict[tuple[str, str], LabelledFeatures], trials: list[
     the K folds of every configuration that shares one batched model (``fusion.batched.batch_key``: the same
     training options and head weights, fixed poolings aside) fitted as one, in ``options.jobs`` parts so that each
     worker has one, of at most ``MAX_BATCHED_FITS`` fits."""
-    groups: dict[tuple[Any, ...], list[Trial]] = {}  # trials that batch together, by their first trial's position
+    def batched(trial: Trial) -> bool:
+        return trial.fit_config.batch_folds and options.folds > 1
+
+    groups: dict[tuple[Any, ...], list[Trial]] = {}  # trials that batch together, in the order of their first
     for trial in trials:
-        if trial.fit_config.batch_folds and options.folds > 1:
+        key: tuple[Any, ...] = (trial.index,)  # a trial fitted fold by fold is a group of its own
+        if batched(trial):
             head_config = labelled[trial.encoders].head_config(trial.fit_config.head, trial.head_options)
             key = (trial.encoders, batch_key(trial.fit_config, head_config))
-        else:
-            key = (trial.index,)
         groups.setdefault(key, []).append(trial)
     tasks: list[Task] = []
     for group in groups.values():
-        if len(group) == 1 and not (group[0].fit_config.batch_folds and options.folds > 1):
+        if not batched(group[0]):
             tasks += [((group[0],), (fold,)) for fold in range(options.folds)]
             continue
         size = min(-(-len(group) // options.jobs), max(1, MAX_BATCHED_FITS // options.folds))  # trials per part
