@@ -87,6 +87,15 @@ class TextEncoder(Encoder):
 class ImageEncoder(Encoder):
     kind = "image"
 
+    def read(self, data_dir: Path, guid: str) -> torch.Tensor:
+        from extract.dataset import image_path, load_image
+
+        return self.pixels(load_image(image_path(data_dir, guid), guid))
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        """A PIL RGB image → this encoder's raw item (what ``collate`` takes)."""
+        raise NotImplementedError
+
 
 class PatchImageEncoder(ImageEncoder):
     """A convolutional backbone whose last feature map (B, C, H, W) becomes H·W patches.
@@ -109,11 +118,6 @@ class PatchImageEncoder(ImageEncoder):
             self.backbone.train(was_training)
         self.dim = feature_map.shape[1]
         self.length = feature_map.shape[2] * feature_map.shape[3]
-
-    def read(self, data_dir: Path, guid: str) -> torch.Tensor:
-        from extract.dataset import image_path, load_image
-
-        return self.pixels(load_image(image_path(data_dir, guid), guid))
 
     def pixels(self, image: Any) -> torch.Tensor:
         """PIL RGB image → normalised tensor (3, S, S); extraction's tensor path matches it (extract/decode.py)."""

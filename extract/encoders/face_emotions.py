@@ -66,11 +66,6 @@ class FaceEmotionEncoder(ImageEncoder):
         self.dim = len(EMOTIONS) + 1
         self.length = 1
 
-    def read(self, data_dir: Path, guid: str) -> torch.Tensor:
-        from extract.dataset import image_path, load_image
-
-        return self.pixels(load_image(image_path(data_dir, guid), guid))
-
     @torch.no_grad()
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The image's faces as (F, 64, 64, 1) grey in [−1, 1], most certain first; (0, 64, 64, 1) without one."""
