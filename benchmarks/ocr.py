@@ -2,6 +2,7 @@
 
     python -m benchmarks.ocr --data DIR --reference OLD.jsonl [--limit N] [--workers N] [--json FILE]
                              [--cache DIR] [--det-min-side 0] [--max-side 2000] [--cls] [--rec-batch 6]
+                             [--no-folded]
 
 Reads the images of the first ``--limit`` guids (default: all, train then test, the order of
 ``extract``) with ``extract_ocr`` into a scratch cache, or into ``--cache`` to keep the texts
@@ -9,7 +10,7 @@ Reads the images of the first ``--limit`` guids (default: all, train then test, 
 worker start-up and model loading included, as an extraction pays them. The settings default to
 ``extract.ocr.OCR_SETTINGS`` (rapidocr's own, which also wrote ``ocr-rapidocr.jsonl`` before
 settings had tags); the options change them (the fast settings measured in the README:
-``--det-min-side 0 --no-cls``).
+``--det-min-side 0 --no-cls``; ``--no-folded``: rapidocr's models as shipped).
 
 Agreement is measured on the guids present in ``--reference`` (a partial file is fine): the
 share of images whose text is identical, where both are empty, where the reference has text
@@ -79,7 +80,8 @@ def bench(data: Path, cache: Path, guids: list[str], workers: int | None, settin
     texts = extract_ocr(data, cache, guids, workers=workers, settings=settings)
     seconds = time.perf_counter() - started
     return {
-        "settings": settings.tag, "workers": os.cpu_count() if workers is None else workers, "images read": read,
+        "settings": settings.tag, "models": "folded" if settings.folded else "as shipped",
+        "workers": os.cpu_count() if workers is None else workers, "images read": read,
         "wall s": round(seconds, 1), "images/s": round(read / seconds, 2) if read else "n/a",
         "texts": texts,
     }
@@ -96,12 +98,14 @@ def main() -> None:
     parser.add_argument("--max-side", type=int, default=OCR_SETTINGS.max_side)
     parser.add_argument("--cls", action=argparse.BooleanOptionalAction, default=OCR_SETTINGS.use_cls)
     parser.add_argument("--rec-batch", type=int, default=OCR_SETTINGS.rec_batch)
+    parser.add_argument("--folded", action=argparse.BooleanOptionalAction, default=OCR_SETTINGS.folded,
+                        help="rapidocr's models with scalar affines folded into convolutions (extract/onnx_fold.py)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if not args.reference.is_file():
         raise SystemExit(f"error: {args.reference}: reference OCR file not found")
     settings = OcrSettings(det_min_side=args.det_min_side, max_side=args.max_side, use_cls=args.cls,
-                           rec_batch=args.rec_batch)
+                           rec_batch=args.rec_batch, folded=args.folded)
     guids = data_guids(args.data)[: args.limit]
 
     with tempfile.TemporaryDirectory() as scratch:
