@@ -197,7 +197,13 @@ def folded_model_path(source: Path, folder: Path | None = None) -> Path:
     ``folder`` defaults to ``$XDG_CACHE_HOME/mmsent/onnx`` (``~/.cache/mmsent/onnx``). Written to a temporary
     file then renamed, so processes folding the same model at once never read a torn one.
     """
-    import onnx
+    try:
+        import onnx
+    except ImportError as error:
+        raise ImportError(
+            "OCR's folded models need the package onnx (pip install -r requirements.txt); "
+            "OcrSettings(folded=False) runs rapidocr's models as shipped"
+        ) from error
 
     source = Path(source)
     if folder is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -112,3 +113,9 @@ def test_rapidocr_models_fold_to_the_same_outputs(tmp_path):
 
 def test_folding_does_not_name_another_ocr_cache():
     assert OcrSettings(folded=False).tag == OcrSettings().tag
+
+
+def test_without_onnx_the_error_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"need the package onnx \(pip install -r requirements.txt\)"):
+        folded_model_path(tmp_path / "model.onnx", tmp_path)
