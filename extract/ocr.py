@@ -133,7 +133,7 @@ def adopted_ocr_path(cache_root: Path, data_dir: Path, settings: OcrSettings = O
     path = ocr_path(cache_root, data_dir, settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     legacy = path.parent / f"ocr-{ENGINE}.jsonl"
-    if settings == OcrSettings() and legacy.is_file() and not path.exists():
+    if settings.tag == OcrSettings().tag and legacy.is_file() and not path.exists():
         legacy.rename(path)
     return path
 

@@ -118,6 +118,18 @@ def test_ocr_settings_keep_caches_apart(data_dir, tmp_path):
         OcrSettings(rec_batch=0)
 
 
+def test_models_as_shipped_read_and_fill_the_folded_models_cache(data_dir, tmp_path):
+    guids = [row.guid for row in read_split(data_dir, "train")][:2]
+    shipped = OcrSettings(folded=False)  # the same text (README): the same cache file, an old untagged one adopted
+    untagged = ocr_path(tmp_path, data_dir).with_name("ocr-rapidocr.jsonl")
+    untagged.parent.mkdir(parents=True)
+    untagged.write_text("".join(json.dumps({"guid": guid, "text": "untagged"}) + "\n" for guid in guids))
+    reader = CountingReader()
+    texts = extract_ocr(data_dir, tmp_path, guids, progress=False, reader=reader, workers=0, settings=shipped)
+    assert texts == dict.fromkeys(guids, "untagged") and reader.calls == 0
+    assert ocr_path(tmp_path, data_dir, shipped) == ocr_path(tmp_path, data_dir) and not untagged.exists()
+
+
 def test_ocr_settings_are_part_of_the_text_cache_identity(tiny_text_encoder_dir, monkeypatch):
     with_ocr = create_text_encoder(str(tiny_text_encoder_dir) + "+ocr", max_tokens=16)
     alone = create_text_encoder(str(tiny_text_encoder_dir) + "+imagetext", max_tokens=16)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.ocr import OcrSettings
 from extract.onnx_fold import fold_model, folded_model_path
 
 onnx = pytest.importorskip("onnx")
@@ -109,10 +108,6 @@ def test_rapidocr_models_fold_to_the_same_outputs(tmp_path):
         assert sum(counts[1].values()) < sum(counts[0].values())
         if name != "cls":  # PP-OCRv4's hard-swish chains are gone (the v2 classifier has none)
             assert counts[0]["Clip"] > 0 and counts[1]["Clip"] == 0
-
-
-def test_folding_does_not_name_another_ocr_cache():
-    assert OcrSettings(folded=False).tag == OcrSettings().tag
 
 
 def test_without_onnx_the_error_says_what_to_install(tmp_path, monkeypatch):
