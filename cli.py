@@ -95,7 +95,7 @@ def extract(
     """Stage one: encode every pair of train.txt and test_without_label.txt into the HDF5 cache.
 
     A text encoder named with "+ocr" (minilm+ocr) first reads the text inside each image
-    (rapidocr, one process per core, ~0.34 s an image on 2 cores, cached in
+    (rapidocr, one process per core, ~0.25 s an image on 2 cores, cached in
     cache/<data>/ocr-rapidocr-<settings>.jsonl, resumable) and
     encodes it after the tweet. A text-only folder (texts.csv: guid,text,tag, e.g.
     mvsa-multiple-text) gets its texts encoded, for `fit --aux-data`. Resumable: a rerun
