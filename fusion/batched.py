@@ -31,8 +31,6 @@ batch norm also mixes rows) are not batched.
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import time
@@ -45,6 +43,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.optim.adamw import adamw
 from tqdm import tqdm
 
+from extract.memory import reuse_freed_memory
 from fusion.config import BaseHeadConfig, FitConfig
 from fusion.features import PairFeatures
 from fusion.losses import training_loss
@@ -59,7 +58,6 @@ from fusion.train import HeadTrainer
 if TYPE_CHECKING:
     from fusion.run import LabelledFeatures
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which HeadTrainer trains with
 VAL_CHUNK = 256  # validation rows per forward, as fusion.train.predict_proba
 
@@ -159,21 +157,6 @@ class StackedAdamW:
         if together:
             for _, _, step in self.state.values():
                 step.add_(1)
-
-
-def reuse_freed_memory() -> None:
-    """Have glibc keep freed blocks of up to 64 MB in the heap for reuse; a no-op without glibc.
-
-    A batched step allocates and frees many MB-sized activations ((K, B, D) for 80 members is 2.6 MB). By
-    default glibc maps each from the system and unmaps it when freed, so every op's output faults its pages
-    in again. The process then keeps up to 1 GB of freed memory instead of returning it at once.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, 64 << 20)
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def fit_batched(members: list[Member], *, progress: bool = False) -> list[HeadTrainer]:

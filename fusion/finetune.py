@@ -26,6 +26,7 @@ from tqdm import tqdm
 from extract import defaults
 from extract.cache import check_identity
 from extract.dataset import LABELS
+from extract.memory import reuse_freed_memory
 from extract.run import default_workers
 from fusion.config import FitConfig, from_dict, validate_loss
 from fusion.losses import training_loss
@@ -263,6 +264,7 @@ def finetune_run(
         )
         prepare_run_dir(out, overwrite)
         write_json(out / CONFIG_FILE, run_config)
+    reuse_freed_memory()  # the encoders' activations and their gradients, reused rather than faulted in anew
     torch.manual_seed(config.seed)  # before the head is built, so the same seed starts from the same head
     model = PairModel(text, image, create_run_head(run_config))
     if from_run is not None and not resume:
