@@ -264,7 +264,7 @@ def finetune_run(
         )
         prepare_run_dir(out, overwrite)
         write_json(out / CONFIG_FILE, run_config)
-    reuse_freed_memory()  # the encoders' activations and their gradients, reused rather than faulted in anew
+    reuse_freed_memory()  # the encoders' large activations and gradients, as in extraction (extract/memory.py)
     torch.manual_seed(config.seed)  # before the head is built, so the same seed starts from the same head
     model = PairModel(text, image, create_run_head(run_config))
     if from_run is not None and not resume:
