@@ -40,6 +40,7 @@ from extract.cache import check_identity
 from extract.dataset import LABELS, load_image, rgb_image
 from extract.device import resolve_device, tf32_matmuls
 from extract.encoders.base import Encoder
+from extract.memory import reuse_freed_memory
 from extract.ocr import ocr_path, read_ocr
 from extract.registry import create_encoder
 from fusion.calibration import LogitAdjustment, stored_adjustment
@@ -98,6 +99,7 @@ class EncoderSet:
     def build(self, device: torch.device) -> EncoderSet:
         """Build a fit run's encoders (once), checked against the descriptions its head was trained on."""
         if self.descriptions is not None and not self.text:
+            reuse_freed_memory()  # the encoders' batch activations, reused as in extraction (extract/memory.py)
             built = load_encoders(self.descriptions)
             self.text, self.image = ([e.for_inference().to(device) for e in built[kind]] for kind in ("text", "image"))
         return self
