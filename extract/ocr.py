@@ -12,6 +12,7 @@ segment (``+ocr``); an image without text gives an empty segment.
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -78,18 +79,23 @@ class OcrSettings:
             "use_cls": self.use_cls, "rec_batch_num": self.rec_batch,
         }
         if self.folded:
-            options |= {f"{stage}_model_path": str(folded_model_path(path)) for stage, path in _model_paths().items()}
+            options |= _folded_model_options()
         return options
 
 
-def _model_paths() -> dict[str, Path]:
-    """det / cls / rec → the ONNX model rapidocr-onnxruntime ships and runs by default (its config.yaml)."""
+@functools.cache
+def _folded_model_options() -> dict[str, str]:
+    """``RapidOCR``'s det / cls / rec model paths, each the folded copy of the model it ships and runs by default
+    (its config.yaml). Once a process: finding a folded copy hashes its source model (16 MB in all)."""
     import rapidocr_onnxruntime
     import yaml
 
     root = Path(rapidocr_onnxruntime.__file__).parent
     config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
-    return {stage.lower(): root / config[stage]["model_path"] for stage in ("Det", "Cls", "Rec")}
+    return {
+        f"{stage.lower()}_model_path": str(folded_model_path(root / config[stage]["model_path"]))
+        for stage in ("Det", "Cls", "Rec")
+    }
 
 
 OCR_SETTINGS = OcrSettings()  # what extract, predict and the "+ocr" encoders' cache identity use
