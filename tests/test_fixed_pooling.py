@@ -10,7 +10,7 @@ import torch
 
 from fusion.config import AttentionHeadConfig, FitConfig
 from fusion.features import PairFeatures
-from fusion.pooling import FIXED_POOLINGS, POOLINGS
+from fusion.pooling import FIXED_POOLINGS, POOLINGS, Pool
 from fusion.registry import create_head, head_names, input_poolings
 from fusion.run import with_modalities
 from fusion.train import HeadTrainer, predict_proba
@@ -75,6 +75,18 @@ def test_logits_and_gradients_on_pooled_inputs_equal_those_on_sequences(name, te
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
     for (parameter_name, on_sequences), on_vectors in zip(heads[0].named_parameters(), heads[1].parameters()):
         torch.testing.assert_close(on_vectors.grad, on_sequences.grad, atol=1e-5, rtol=1e-4, msg=parameter_name)
+
+
+@pytest.mark.parametrize("kind", FIXED_POOLINGS)
+def test_pooled_vectors_are_the_pooling_of_the_float32_features(kind):
+    """last, first and max pool the stored float16 and convert the picks: bit for bit the float32 pooling."""
+    features, _ = make_features()
+    pooled = features.pooled({"text": kind, "image": kind})
+    for modality in ("text", "image"):
+        x, mask = getattr(features, modality), getattr(features, f"{modality}_mask")
+        vectors = getattr(pooled, modality)
+        assert vectors.dtype == torch.float32
+        assert torch.equal(vectors[:, 0], Pool(kind, x.shape[-1])(x.float(), mask))
 
 
 def test_pooled_features_are_computed_once_and_shared_by_subsets():
