@@ -290,6 +290,7 @@ def fit_fold(
     overwrite: bool = False,
     progress: bool = True,
     fitted: HeadTrainer | None = None,
+    plots: bool = True,
 ) -> RunResult:
     """Fit fold ``fold`` of the labelled rows' split and write its run: ``out/fold-<fold>`` (K ≥ 2), else ``out``.
 
@@ -298,12 +299,13 @@ def fit_fold(
     fit (``fit_run``, ``fit_folds``), pipeline, and sweep and ablate on every backend call it, so a config
     with the same folds and split seed gets the same rows, the same fit and the same scores in each command.
     ``fitted``: this fold's head already trained on these rows (``fusion.batched.fit_folds_batched``), to write.
+    ``plots``: draw fold 0's curves and confusion matrix (``plot_run``); a sweep draws only its best run's.
     """
     train_rows, val_rows = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)[fold]
     return fit_rows(
         labelled, fold_dir(out, fold, folds), fit_config, head_options, train_rows, val_rows,
         split={"folds": folds, "fold": fold, "seed": split_seed}, overwrite=overwrite, progress=progress,
-        plots=fold == 0, fitted=fitted,
+        plots=plots and fold == 0, fitted=fitted,
     )
 
 
@@ -373,9 +375,17 @@ def fit_rows(
     )
     (out / "report.txt").write_text(format_report(validation) + "\n")
     if plots:
-        plot_curves(trainer.history_, trainer.best_epoch_, out / CURVES_FILE)
-        plot_confusion(matrix, list(LABELS), out / CONFUSION_FILE, title=f"validation, {fit_config.head}")
+        plot_run(out)
     return result
+
+
+def plot_run(run_dir: Path) -> None:
+    """Draw a run's training curves and validation confusion matrix from its files (``CURVES_FILE``,
+    ``CONFUSION_FILE``)."""
+    config, metrics = read_config(run_dir), read_metrics(run_dir)
+    plot_curves(metrics["history"], metrics["best_epoch"], Path(run_dir) / CURVES_FILE)
+    plot_confusion(metrics["validation"]["confusion_matrix"], list(LABELS), Path(run_dir) / CONFUSION_FILE,
+                   title=f"validation, {config['fit']['head']}")
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

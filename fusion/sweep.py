@@ -8,8 +8,9 @@ combination is fitted on every fold of a seeded stratified K-fold split of train
 (or on one stratified hold-out split when K = 1), and the leaderboard ranks the
 configurations by mean validation macro-F1. Every fit writes a normal run folder
 (``runs/<config>/``, one ``fold-<k>/`` per fold with K ≥ 2; the leaderboard's run column
-names fold 0's), so any row's run can be passed to ``predict``. Every configuration is scored on the same folds, so the
-leaderboard also gives each row's macro-F1 minus the best row's, paired fold by fold.
+names fold 0's), so any row's run can be passed to ``predict``; only the best row's run has its curves
+and confusion matrix drawn (``fusion.run.plot_run`` draws any other's). Every configuration is scored on
+the same folds, so the leaderboard also gives each row's macro-F1 minus the best row's, paired fold by fold.
 
 Honesty of the scores: everything is selected on validation folds only (early stopping
 included, as in ``fit``). With ``logit_adjustment`` and K ≥ 2 folds, the τ behind a fold's
@@ -53,7 +54,15 @@ from fusion.features import LoadedFeatures
 from fusion.metrics import METRICS, cv_summary, evaluate, mean_std, metric_of
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_leaderboard
 from fusion.registry import head_class, head_config_from_dict, head_names, head_options
-from fusion.run import LabelledFeatures, fit_fold, fold_dir, load_labelled, prepare_run_dir, write_json
+from fusion.run import (
+    LabelledFeatures,
+    fit_fold,
+    fold_dir,
+    load_labelled,
+    plot_run,
+    prepare_run_dir,
+    write_json,
+)
 from fusion.split import fold_splits
 from fusion.train import HeadTrainer
 
@@ -367,7 +376,7 @@ def fit_task(inputs: SweepInputs, trials: tuple[Trial, ...], folds: tuple[int, .
         for fold in folds:
             result = fit_fold(
                 labelled, trial_dir, trial.fit_config, trial.head_options, fold, folds=options.folds,
-                split_seed=options.split_seed, progress=False, fitted=trainers[fold],
+                split_seed=options.split_seed, progress=False, fitted=trainers[fold], plots=False,
             )
             results.append(FoldResult(
                 trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation,
@@ -664,6 +673,7 @@ def run_sweep(
         "leaderboard": rows,
     })
     write_leaderboard(out, rows, options.folds)
+    plot_run(Path(rows[0]["run"]))  # the report shows the best run's curves; drawing all of them cost seconds
     write_report(out, rows, trials, summary)
     return rows
 

@@ -204,6 +204,7 @@ def test_k_folds_same_seed_same_leaderboard_also_in_parallel(tiny_cache, tmp_pat
     folder = Path(rows[0]["run"]).parent
     assert sorted(p.name for p in folder.iterdir()) == ["fold-0", "fold-1", "fold-2"]
     assert (folder / "fold-0" / "curves.png").is_file() and (folder / "fold-0" / "confusion_matrix.png").is_file()
+    assert not (Path(rows[1]["run"]) / "curves.png").exists()  # only the best run, the report's, is drawn
     configs = [read_config(folder / f"fold-{k}") for k in range(3)]
     assert [c["split"] for c in configs] == [{"folds": 3, "fold": k, "seed": 0} for k in range(3)]
     val_sets = [set(c["val_guids"]) for c in configs]
