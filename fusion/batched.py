@@ -272,28 +272,27 @@ def head_weights(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def fit_folds_batched(
     labelled: LabelledFeatures,
-    configs: list[tuple[FitConfig, dict[str, Any]]],
+    fits: list[tuple[FitConfig, dict[str, Any], int]],
     *,
     folds: int,
     split_seed: int,
     progress: bool = False,
-) -> list[list[HeadTrainer]]:
-    """The K folds of ``fusion.run.fit_fold`` (the same rows, the same seeds) of each (fit config, head options) in
-    ``configs``, all fitted as one batched model: each configuration's K trainers, in order.
+) -> list[HeadTrainer]:
+    """Each (fit config, head options, fold) of ``fits`` as ``fusion.run.fit_fold`` fits it (the same rows of K
+    ``folds``, the same seeds), all fitted as one batched model: their trainers, in order.
 
-    The configurations must share one ``batch_key``: e.g. the fixed poolings of one head, whose K folds each make
-    16 × K members of one model rather than 16 models.
+    The fits must share one ``batch_key``: e.g. the fixed poolings of one head on K folds, 16 × K members of one
+    model rather than 16 × K fits.
     """
-    members = []
-    for fit_config, head_options in configs:
+    members, splits = [], {}  # val_fraction → every fold's (train rows, validation rows)
+    for fit_config, head_options, fold in fits:
         head_config = labelled.head_config(fit_config.head, head_options)
         features, _ = labelled.head_inputs(fit_config, head_config)
-        members += [
-            Member(fit_config, head_config, features, labelled.labels, train_rows, val_rows)
-            for train_rows, val_rows in fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)
-        ]
-    fitted = fit_batched(members, progress=progress)
-    return [fitted[start : start + folds] for start in range(0, len(fitted), folds)]
+        if fit_config.val_fraction not in splits:
+            splits[fit_config.val_fraction] = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)
+        train_rows, val_rows = splits[fit_config.val_fraction][fold]
+        members.append(Member(fit_config, head_config, features, labelled.labels, train_rows, val_rows))
+    return fit_batched(members, progress=progress)
 
 
 class StackedInputs:

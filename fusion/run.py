@@ -240,8 +240,9 @@ def fit_folds(
     fitted: list[HeadTrainer | None] = [None] * folds  # None: fit_fold fits the fold itself
     if fit_config.batch_folds:
         fitted = list(fit_folds_batched(
-            labelled, [(fit_config, head_options)], folds=folds, split_seed=split_seed, progress=progress
-        )[0])
+            labelled, [(fit_config, head_options, fold) for fold in range(folds)], folds=folds, split_seed=split_seed,
+            progress=progress,
+        ))
     results = [
         fit_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed, progress=progress,
                  fitted=fitted[fold])

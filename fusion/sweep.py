@@ -22,7 +22,7 @@ The sweep folder holds ``leaderboard.csv``, ``leaderboard.md``, ``leaderboard.pn
 ``report.md``, ``sweep.json`` (options, trials, every fit's scores, the leaderboard) and ``runs/``.
 
 Backends differ only in how the tasks are executed (a (configuration, fold) fit, or with
-``batch_folds`` the K folds of every configuration that shares one batched model): ``local`` fits
+``batch_folds`` a share of the (configuration, fold) fits that batch as one model): ``local`` fits
 them in this process or a fork-based pool (``--jobs``); ``ray`` makes each one a Ray Tune trial on
 a Ray cluster (``fusion/sweep_ray.py``, imported only then). Both call ``fit_task`` and hand back the same
 ``FoldResult``s, from which the same code writes the leaderboard and report.
@@ -314,9 +314,8 @@ class SweepInputs:
     options: SweepOptions
 
 
-# Configurations fitted together on these folds: one configuration on one fold, or (batch_folds) every fold of
-# configurations that share one batched model.
-Task = tuple[tuple[Trial, ...], tuple[int, ...]]
+# (configuration, fold) fits made together: one alone, or (batch_folds) several that share one batched model.
+Task = tuple[tuple[Trial, int], ...]
 Done = Callable[[int, list[FoldResult]], None]  # called with a task's position in the task list and its results
 Executor = Callable[[SweepInputs, list[Task], Done], None]  # fits every task, calling ``Done`` as each one ends
 MAX_BATCHED_FITS = 100  # fits in one batched model: 100 default gated heads hold ~0.6 GB (weights, gradients,
@@ -334,7 +333,12 @@ def trial_tasks(labelled: dict[tuple[str, str], LabelledFeatures], trials: list[
     """The sweep's units of work, in trial order: each (configuration, fold) alone; with ``batch_folds`` (K ≥ 2),
     the K folds of every configuration that shares one batched model (``fusion.batched.batch_key``: the same
     training options and head weights, fixed poolings aside) fitted as one, in ``options.jobs`` parts so that each
-    worker has one, of at most ``MAX_BATCHED_FITS`` fits."""
+    worker has one, of at most ``MAX_BATCHED_FITS`` fits.
+
+    The parts deal the fits out in turn (fit i to part i mod parts), not in runs of neighbours: how long a batched
+    model trains is set by its members' early stopping, which follows the grid's values (in the 16 fixed poolings,
+    text mean and max pooling train longer than first and last), so each part gets a share of every value and
+    the workers end together."""
     def batched(trial: Trial) -> bool:
         return trial.fit_config.batch_folds and options.folds > 1
 
@@ -347,42 +351,41 @@ def trial_tasks(labelled: dict[tuple[str, str], LabelledFeatures], trials: list[
         groups.setdefault(key, []).append(trial)
     tasks: list[Task] = []
     for group in groups.values():
+        fits = [(trial, fold) for trial in group for fold in range(options.folds)]
         if not batched(group[0]):
-            tasks += [((group[0],), (fold,)) for fold in range(options.folds)]
+            tasks += [(fit,) for fit in fits]
             continue
-        size = min(-(-len(group) // options.jobs), max(1, MAX_BATCHED_FITS // options.folds))  # trials per part
-        tasks += [(tuple(group[start : start + size]), tuple(range(options.folds)))
-                  for start in range(0, len(group), size)]
+        parts = -(-len(fits) // min(-(-len(fits) // options.jobs), MAX_BATCHED_FITS))
+        tasks += [tuple(fits[part::parts]) for part in range(parts)]
     return tasks
 
 
-def fit_task(inputs: SweepInputs, trials: tuple[Trial, ...], folds: tuple[int, ...]) -> list[FoldResult]:
-    """Fit ``trials`` on ``folds`` into ``runs/<trial>/``: the one fit every backend executes.
+def fit_task(inputs: SweepInputs, task: Task) -> list[FoldResult]:
+    """Fit each (trial, fold) of ``task`` into ``runs/<trial>/``: the one fit every backend executes.
 
-    The split and the fit are ``fusion.run.fit_fold``'s (all K folds of the trials batched as ``fusion.run.fit_folds``
-    batches one configuration's), as for ``fit --folds K --split-seed S``.
+    The split and the fit are ``fusion.run.fit_fold``'s (several fits batched as ``fusion.run.fit_folds`` batches
+    one configuration's folds), as for ``fit --folds K --split-seed S``.
     """
     options = inputs.options
-    labelled = inputs.labelled[trials[0].encoders]  # a batch of several trials reads one pair of caches
-    fitted: list[list[HeadTrainer | None]] = [[None] * options.folds]  # None: fit_fold fits the fold itself
-    if len(folds) > 1:
+    labelled = inputs.labelled[task[0][0].encoders]  # a batch of several trials reads one pair of caches
+    fitted: list[HeadTrainer | None] = [None]  # None: fit_fold fits the fold itself
+    if len(task) > 1:
         fitted = fit_folds_batched(
-            labelled, [(trial.fit_config, trial.head_options) for trial in trials], folds=options.folds,
+            labelled, [(trial.fit_config, trial.head_options, fold) for trial, fold in task], folds=options.folds,
             split_seed=options.split_seed,
         )
     results = []
-    for trial, trainers in zip(trials, fitted):
+    for (trial, fold), trainer in zip(task, fitted):
         trial_dir = inputs.out / "runs" / trial.folder
-        for fold in folds:
-            result = fit_fold(
-                labelled, trial_dir, trial.fit_config, trial.head_options, fold, folds=options.folds,
-                split_seed=options.split_seed, progress=False, fitted=trainers[fold], plots=False,
-            )
-            results.append(FoldResult(
-                trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation,
-                result.val_probabilities, result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_,
-                result.adjustment.tau,
-            ))
+        result = fit_fold(
+            labelled, trial_dir, trial.fit_config, trial.head_options, fold, folds=options.folds,
+            split_seed=options.split_seed, progress=False, fitted=trainer, plots=False,
+        )
+        results.append(FoldResult(
+            trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation,
+            result.val_probabilities, result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_,
+            result.adjustment.tau,
+        ))
     return results
 
 
@@ -392,14 +395,14 @@ _SHARED: dict[str, SweepInputs] = {}
 
 
 def _fit_shared(task: Task) -> list[FoldResult]:
-    return fit_task(_SHARED["inputs"], *task)
+    return fit_task(_SHARED["inputs"], task)
 
 
 def fit_locally(inputs: SweepInputs, tasks: list[Task], done: Done) -> None:
     """The local backend: the tasks in order, in this process or in ``options.jobs`` forked processes."""
     if inputs.options.jobs == 1:
         for position, task in enumerate(tasks):
-            done(position, fit_task(inputs, *task))
+            done(position, fit_task(inputs, task))
         return
     threads = max(1, (os.cpu_count() or 1) // inputs.options.jobs)
     _SHARED["inputs"] = inputs
@@ -435,7 +438,7 @@ def fit_trials(
     ``labelled`` holds the loaded features of each trial's (text, image) encoders.
     """
     tasks = trial_tasks(labelled, trials, options)
-    fits = sum(len(group) * len(folds) for group, folds in tasks)
+    fits = sum(map(len, tasks))
     names = {trial.index: trial.name for trial in trials}
     results: list[FoldResult] = []
 

@@ -114,7 +114,7 @@ def _trial_setup(shared: ray.ObjectRef, cpus: int, cwd: str) -> Any:
 def _fit_task(config: dict[str, Any], *, shared: ray.ObjectRef, cpus: int, cwd: str) -> None:
     """One Tune trial: fit task ``config["task"]`` of the shared task list and report its ``FoldResult``s."""
     inputs, tasks = _trial_setup(shared, cpus, cwd)
-    results = fit_task(inputs, *tasks[config["task"]])
+    results = fit_task(inputs, tasks[config["task"]])
     tune.report({METRIC: statistics.fmean(r.validation["macro_f1"] for r in results), RESULT_KEY: results})
 
 

@@ -139,9 +139,13 @@ def test_sweep_batches_the_fixed_poolings_of_a_head_together(tiny_cache, tmp_pat
         tiny_cache["data_dir"], tiny_cache["cache_root"], text_encoder=tiny_cache["text_encoder"],
         image_encoder=tiny_cache["image_encoder"],
     )}
-    for jobs, parts in ((1, [4]), (2, [2, 2]), (3, [2, 2])):
+    every_fit = sorted((trial.index, fold) for trial in trials for fold in range(3))
+    for jobs, parts in ((1, [12]), (2, [6, 6]), (3, [4, 4, 4]), (5, [3, 3, 3, 3])):
         tasks = trial_tasks(labelled, trials, SweepOptions(folds=3, jobs=jobs))
-        assert [len(group) for group, _ in tasks] == parts and all(folds == (0, 1, 2) for _, folds in tasks)
+        assert [len(task) for task in tasks] == parts
+        assert sorted((trial.index, fold) for task in tasks for trial, fold in task) == every_fit
+        # dealt out in turn: each part has fits of every trial once there are at least as many fits as trials
+        assert all({trial.index for trial, _ in task} == {t.index for t in trials} for task in tasks if len(task) >= 4)
     assert [row["config"] for row in rows] == [row["config"] for row in separate_rows]
     for row, alone in zip(rows, separate_rows):
         assert (row["macro_f1_mean"], row["macro_f1_std"]) == (alone["macro_f1_mean"], alone["macro_f1_std"])
