@@ -178,6 +178,9 @@ def fit_batched(members: list[Member], *, progress: bool = False) -> list[HeadTr
         models.append(create_head(name, member.head_config))
     generators = [torch.Generator().manual_seed(m.fit_config.seed) for m in members]
     criteria = [training_loss(m.fit_config, m.labels[m.train_rows], m.head_config.num_classes) for m in members]
+    # Without class weights (drawn from each member's labels) every member's loss is one function: a step whose
+    # members all have full batches takes it once, vmapped, instead of once per member (forward and backward).
+    every_loss = None if config.class_weights else vmap(criteria[0])  # (K, B, C), (K, B) → (K,)
     targets = [torch.as_tensor(m.labels[m.train_rows], dtype=torch.long) for m in members]  # (N_train,) each
     # name → (K, …), every matrix stored transposed (K, in, out): CPU batched matmuls run faster on it, its
     # gradient comes out in that layout with no transposing copy, and the head reads (K, out, in) views of it
@@ -210,9 +213,12 @@ def fit_batched(members: list[Member], *, progress: bool = False) -> list[HeadTr
             with autocast(torch.device("cpu"), precision):
                 # (K, B, C); padding rows never reach a loss
                 logits = forward(head_weights(optimizer.params), *inputs).float()
-            losses = torch.stack([
-                criteria[active[i]](logits[i, : len(rows[i])], targets[active[i]][rows[i]]) for i in live
-            ])  # (K_live,) each member's mean loss over its own rows
+            if every_loss is not None and len(live) == len(active) and all(len(r) == logits.shape[1] for r in rows):
+                losses = every_loss(logits, torch.stack([targets[k][r] for k, r in zip(active, rows)]))  # (K,)
+            else:
+                losses = torch.stack([
+                    criteria[active[i]](logits[i, : len(rows[i])], targets[active[i]][rows[i]]) for i in live
+                ])  # (K_live,) each member's mean loss over its own rows
             for weights in optimizer.params.values():
                 weights.grad = None
             losses.sum().backward()  # each member's weights get the gradient of its own loss alone

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import cli
 from fusion.batched import Member, StackedInputs, check_batchable, fit_batched
 from fusion.config import FitConfig
+from fusion.losses import loss_names
 from fusion.registry import input_poolings
 from fusion.run import load_labelled, read_config, read_metrics
 from fusion.split import stratified_folds
@@ -83,6 +84,14 @@ def test_several_configurations_share_a_batch():
 
 def test_class_weights_and_balanced_sampling_follow_each_member():
     folds = members("concat", "first", "last", class_weights=True, balanced_sampling=True, loss="focal")
+    assert_same_fits(fit_batched(folds), [separate(member) for member in folds])
+
+
+@pytest.mark.parametrize("loss", loss_names())
+def test_every_loss_of_the_members_at_once_is_each_fits_own(loss):
+    """Without class weights the members' losses of a full step are one vmapped call, of a ragged last step one call
+    each: both give each member its own fit's loss and gradient."""
+    folds = members("gated", "mean", "max", loss=loss, label_smoothing=0.1)
     assert_same_fits(fit_batched(folds), [separate(member) for member in folds])
 
 
