@@ -45,6 +45,7 @@ from PIL import Image
 from torch import nn
 
 from extract.dataset import LABELS, load_image
+from fusion.plots import new_figure
 
 # IG path points (Gauss-Legendre). On 40 MVSA validation posts (minilm+vader, efficientnet-lite0) |delta| stayed
 # below 1e-4 of the logit gap at 32 for a fitted gated head and random concat, late and cross-attention heads;
@@ -263,8 +264,6 @@ def render_patches(
     picture: it is upsampled bilinearly to the image's height and width. Red pushed towards
     ``target``, blue against, on a scale symmetric around zero.
     """
-    from matplotlib.figure import Figure
-
     picture = image.convert("RGB") if isinstance(image, Image.Image) else load_image(Path(image))
     grid, dropped = patch_grid(patch_weights)  # (g, g)
     width, height = picture.size
@@ -273,7 +272,7 @@ def render_patches(
     )[0, 0].numpy()  # (H, W)
     scale = float(np.abs(grid).max()) or 1.0
     dpi = 100
-    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    figure = new_figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     axes = figure.add_axes((0, 0, 1, 1))
     axes.imshow(picture, interpolation="nearest")
     overlay = axes.imshow(heat, cmap="RdBu_r", vmin=-scale, vmax=scale, alpha=alpha, interpolation="nearest")

@@ -7,14 +7,24 @@ and in worker processes. Every function writes one PNG and returns its path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CURVES_FILE, CONFUSION_FILE, LEADERBOARD_FILE = "curves.png", "confusion_matrix.png", "leaderboard.png"
 METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "weighted_f1": "weighted-F1",
                 "neutral_recall": "neutral recall"}
+
+
+def new_figure(**options: Any) -> Figure:
+    """``matplotlib.figure.Figure(**options)``, imported on first use: commands that never plot (predict, serve,
+    the Python API) do not pay matplotlib's half-second import at start."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
 
 
 def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path) -> Path:
@@ -22,7 +32,7 @@ def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path) -> P
     epochs = [row["epoch"] for row in history]
     # Fixed margins rather than a constrained layout: the content never changes size, and the layout solver
     # doubled the drawing time of a plot every fit writes.
-    figure = Figure(figsize=(9, 3.4))
+    figure = new_figure(figsize=(9, 3.4))
     figure.subplots_adjust(left=0.07, right=0.99, bottom=0.14, top=0.91, wspace=0.18)
     loss_axes, score_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, [row["train_loss"] for row in history], marker="o", label="training")
@@ -43,7 +53,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     """Counts with rows = true class, columns = predicted class, and each row's recall."""
     counts = np.asarray(matrix)  # (C, C)
     recall = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (C, C), rows sum to 1
-    figure = Figure(figsize=(4.6, 3.8))  # fixed margins, as plot_curves
+    figure = new_figure(figsize=(4.6, 3.8))  # fixed margins, as plot_curves
     figure.subplots_adjust(left=0.22, right=0.98, bottom=0.13, top=0.92)
     axes = figure.subplots()
     image = axes.imshow(recall, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -64,7 +74,7 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, metric: str = "macr
     names = [row["config"] for row in rows][::-1]
     means = [row[f"{metric}_mean"] for row in rows][::-1]
     stds = [row[f"{metric}_std"] for row in rows][::-1]
-    figure = Figure(figsize=(9, 1.2 + 0.32 * len(rows)), layout="constrained")
+    figure = new_figure(figsize=(9, 1.2 + 0.32 * len(rows)), layout="constrained")
     axes = figure.subplots()
     bars = axes.barh(range(len(rows)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
     axes.bar_label(bars, [f"{m:.3f}" for m in means], label_type="center", color="white", fontsize=8)

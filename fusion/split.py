@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
+
+# scikit-learn is imported where a split is made: with scipy and pandas behind it, importing it takes over a
+# second, which commands that never split (predict, serve, the Python API's Run) should not pay at start.
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, validation); the same seed gives the same split."""
+    from sklearn.model_selection import train_test_split
+
     rows = np.arange(len(labels))
     train_rows, val_rows = train_test_split(rows, test_size=val_fraction, stratify=labels, random_state=seed)
     return np.sort(train_rows), np.sort(val_rows)
@@ -15,6 +19,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """K disjoint stratified validation folds, each with the rest as its training rows."""
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
 

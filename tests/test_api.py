@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,12 @@ def test_bytes_and_io_do_not_leave_files(cached, tmp_path):
     Image.new("RGB", (30, 20), (200, 10, 10)).save(image, format="PNG")
     Run.load(run_dir).predict_proba(Post("red", image.getvalue()))
     assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_predicting_and_serving_start_without_the_training_only_libraries():
+    """predict, serve and the Python API import neither scikit-learn nor matplotlib (over 1.5 s at start): only a
+    split or a plot imports them."""
+    code = "import sys, fusion.predict, fusion.api, serve; print(sorted({'sklearn', 'matplotlib'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert loaded.stdout.strip() == "[]"
