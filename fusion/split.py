@@ -8,6 +8,11 @@ import numpy as np
 # second, which commands that never split (predict, serve, the Python API's Run) should not pay at start.
 
 
+def import_splitters() -> None:
+    """Import scikit-learn's splitters now: once in a process that forks workers, rather than once in each."""
+    import sklearn.model_selection  # noqa: F401
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, validation); the same seed gives the same split."""
     from sklearn.model_selection import train_test_split

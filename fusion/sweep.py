@@ -63,7 +63,7 @@ from fusion.run import (
     prepare_run_dir,
     write_json,
 )
-from fusion.split import fold_splits
+from fusion.split import fold_splits, import_splitters
 from fusion.train import HeadTrainer
 
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
@@ -405,6 +405,7 @@ def fit_locally(inputs: SweepInputs, tasks: list[Task], done: Done) -> None:
             done(position, fit_task(inputs, task))
         return
     threads = max(1, (os.cpu_count() or 1) // inputs.options.jobs)
+    import_splitters()  # every fit splits: imported once before forking, not again in each worker
     _SHARED["inputs"] = inputs
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(_SHARED.clear)
