@@ -213,7 +213,7 @@ def fit_batched(members: list[Member], *, progress: bool = False) -> list[HeadTr
             with autocast(torch.device("cpu"), precision):
                 # (K, B, C); padding rows never reach a loss
                 logits = forward(head_weights(optimizer.params), *inputs).float()
-            if every_loss is not None and len(live) == len(active) and all(len(r) == logits.shape[1] for r in rows):
+            if every_loss is not None and all(len(r) == logits.shape[1] for r in rows):  # every member, full batch
                 losses = every_loss(logits, torch.stack([targets[k][r] for k, r in zip(active, rows)]))  # (K,)
             else:
                 losses = torch.stack([
@@ -290,13 +290,13 @@ def fit_folds_batched(
     The fits must share one ``batch_key``: e.g. the fixed poolings of one head on K folds, 16 × K members of one
     model rather than 16 × K fits.
     """
-    members, splits = [], {}  # val_fraction → every fold's (train rows, validation rows)
+    # one split for all: the fits share their training options (batch_key), val_fraction with them
+    splits = fold_splits(labelled.labels, folds, fits[0][0].val_fraction, split_seed)
+    members = []
     for fit_config, head_options, fold in fits:
         head_config = labelled.head_config(fit_config.head, head_options)
         features, _ = labelled.head_inputs(fit_config, head_config)
-        if fit_config.val_fraction not in splits:
-            splits[fit_config.val_fraction] = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)
-        train_rows, val_rows = splits[fit_config.val_fraction][fold]
+        train_rows, val_rows = splits[fold]
         members.append(Member(fit_config, head_config, features, labelled.labels, train_rows, val_rows))
     return fit_batched(members, progress=progress)
 

@@ -136,11 +136,11 @@ def _pooled_stream(features: torch.Tensor, mask: torch.Tensor, kind: str, chunk:
     """
     pool = Pool(kind, features.shape[-1])
     picks = kind in ("last", "first", "max")
-    pooled = torch.cat([
-        pool(part if picks else part.float(), mask[start : start + chunk]).float()
-        for start in range(0, len(features), chunk)
-        for part in (features[start : start + chunk],)
-    ]) if len(features) else features.new_zeros(0, features.shape[-1], dtype=torch.float32)  # (N, D)
+    chunks = [
+        pool(part if picks else part.float(), part_mask).float()  # (chunk, D)
+        for part, part_mask in zip(features.split(chunk), mask.split(chunk))
+    ]
+    pooled = torch.cat(chunks) if chunks else features.new_zeros(0, features.shape[-1], dtype=torch.float32)  # (N, D)
     return pooled.unsqueeze(1), mask.any(dim=1, keepdim=True)
 
 
