@@ -34,6 +34,7 @@ from extract.cache import cache_path
 from extract.registry import create_encoder
 from extract.run import data_guids, extract_features
 from fusion.config import FitConfig
+from fusion.optim import AdamW
 from fusion.registry import create_head, head_names
 from fusion.run import fit_rows, fit_run, load_labelled
 from fusion.split import stratified_split
@@ -75,9 +76,6 @@ def bench_extract(data: Path, cache: Path, pairs: int) -> list[dict[str, object]
 def bench_fit(
     data: Path, cache: Path, heads: list[str], text_encoder: str, image_encoder: str
 ) -> list[dict[str, object]]:
-    # The first optimizer of a process imports torch._dynamo (~1.5 s here), once: a sweep or a CLI run
-    # pays it once, so it is paid here before the clock, not charged to the first head timed.
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for head in heads:
@@ -116,7 +114,6 @@ def bench_sweep(
 
 def bench_poolings(data: Path, cache: Path, text_encoder: str, image_encoder: str) -> list[dict[str, object]]:
     """The card's headline: a head on fixed poolings, one on attention pooling, and the 80-fit pooling comparison."""
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch._dynamo's one-time import, before the clock
     grid = Path("results/grids/fixed-poolings.yaml")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -190,7 +187,7 @@ def bench_flops(
     config = FitConfig(head="cross-attention")
     torch.manual_seed(0)
     model = create_head(config.head, labelled.head_config(config.head, {})).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    optimizer = AdamW([{"params": model.parameters(), "weight_decay": config.weight_decay}], lr=config.lr)
     generator = torch.Generator().manual_seed(0)
     batches = [
         labelled.features.batch(torch.randperm(len(labelled.labels), generator=generator)[: config.batch_size])
@@ -199,7 +196,7 @@ def bench_flops(
 
     def step(batch: tuple[torch.Tensor, ...]) -> None:
         loss = model(*batch).logsumexp(dim=-1).mean()  # any scalar: the same matmuls as cross-entropy
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
-from torch.optim.adamw import adamw
 from tqdm import tqdm
 
 from extract.memory import reuse_freed_memory
@@ -48,6 +47,7 @@ from fusion.config import BaseHeadConfig, FitConfig
 from fusion.features import PairFeatures
 from fusion.losses import training_loss
 from fusion.metrics import evaluate
+from fusion.optim import adamw_step
 from fusion.pooling import PoolsInputs
 from fusion.precision import autocast, resolve_head_precision
 from fusion.registry import create_head, head_class, input_poolings
@@ -58,7 +58,6 @@ from fusion.train import HeadTrainer
 if TYPE_CHECKING:
     from fusion.run import LabelledFeatures
 
-ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which HeadTrainer trains with
 VAL_CHUNK = 256  # validation rows per forward, as fusion.train.predict_proba
 
 
@@ -149,10 +148,9 @@ class StackedAdamW:
                 for bucket, slices in zip(tensors, (weights, p.grad.unbind(0), *state)):
                     bucket.extend(slices[k] for k in live)
             params, grads, exp_avgs, exp_avg_sqs, step_counts = tensors
-            adamw(
-                params, grads, exp_avgs, exp_avg_sqs, [], step_counts, fused=True, amsgrad=False,
-                beta1=ADAMW_BETAS[0], beta2=ADAMW_BETAS[1], lr=self.lr,
-                weight_decay=self.weight_decay if decays else 0.0, eps=ADAMW_EPS, maximize=False,
+            adamw_step(
+                params, grads, exp_avgs, exp_avg_sqs, step_counts, lr=self.lr,
+                weight_decay=self.weight_decay if decays else 0.0,
             )
         if together:
             for _, _, step in self.state.values():

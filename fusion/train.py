@@ -15,6 +15,7 @@ from fusion.config import BaseHeadConfig, FitConfig
 from fusion.features import JoinedFeatures, PairFeatures
 from fusion.losses import training_loss
 from fusion.metrics import evaluate
+from fusion.optim import AdamW
 from fusion.precision import autocast, resolve_head_precision
 from fusion.registry import create_head
 from fusion.sampling import epoch_order, with_auxiliary
@@ -54,7 +55,7 @@ class HeadTrainer:
         generator = torch.Generator().manual_seed(config.seed)
         self.precision_ = resolve_head_precision(config.precision)
         model = create_head(config.head, self.head_config)
-        optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr, fused=True)
+        optimizer = AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr)  # torch's fused AdamW update
         criterion = training_loss(config, y_train, self.head_config.num_classes)
         targets = torch.as_tensor(y_train, dtype=torch.long)
         rows_of: PairFeatures | JoinedFeatures = train
@@ -78,7 +79,7 @@ class HeadTrainer:
                 with autocast(torch.device("cpu"), self.precision_):
                     logits = model(*rows_of.batch(rows, model.modalities)).float()  # (B, C)
                 loss = criterion(logits, targets[rows])
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(rows)
