@@ -295,7 +295,7 @@ def _warn_on_versions(path: Path, handle: h5py.File) -> None:
 def read_description(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no feature cache; run `python cli.py extract` first")
-    with h5py.File(path, "r") as handle:
+    with open_cache(path, "r") as handle:
         return _describe_file(handle)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.cache import CacheMismatchError, cache_dir_for, cache_path, load_features
+from extract.cache import CacheMismatchError, cache_dir_for, cache_path, load_features, read_description
 from extract.registry import STREAM_SEPARATOR, stream_names
 from fusion.layers import normalise_features
 from fusion.pooling import Pool
@@ -70,7 +70,7 @@ class PairFeatures:
         streams = {"text": (self.text, self.text_mask), "image": (self.image, self.image_mask)}
         for modality, kind in poolings.items():
             if (modality, kind) not in self._pooled:
-                self._pooled[modality, kind] = _pooled_stream(*streams[modality], kind)
+                self._pooled[modality, kind] = pool_stream(*streams[modality], kind)
             streams[modality] = self._pooled[modality, kind]
         return PairFeatures(self.guids, *streams["text"], *streams["image"]) if poolings else self
 
@@ -128,7 +128,7 @@ def _padded(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, padding], dim=1)
 
 
-def _pooled_stream(features: torch.Tensor, mask: torch.Tensor, kind: str, chunk: int = 256) -> Stream:
+def pool_stream(features: torch.Tensor, mask: torch.Tensor, kind: str, chunk: int = 256) -> Stream:
     """``features`` (N, L, D) pooled by ``kind`` in float32, a chunk of rows at a time: (N, 1, D) and mask (N, 1).
 
     last, first and max pick stored values, so they pool the stored float16 and convert only the picks: the
@@ -208,6 +208,33 @@ def load_streams(
     return streams, joined_description([c.description for c in cached])
 
 
+def load_modality(
+    cache_root: Path,
+    data_dir: Path,
+    guids: list[str],
+    kind: str,
+    encoder: str,
+    expected: dict[str, Any] | None = None,
+    loaded: LoadedFeatures | None = None,
+) -> tuple[Stream, dict[str, Any]]:
+    """One modality's features of ``guids`` from its caches (one or more), joined and normalised, and its
+    description; ``loaded`` as ``load_pair_features`` takes it."""
+    loaded = {} if loaded is None else loaded
+    folder = str(cache_dir_for(cache_root, data_dir).resolve())
+    rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
+    key = (kind, encoder, folder, rows, json.dumps(expected, sort_keys=True))
+    if key not in loaded:
+        streams, description = load_streams(cache_root, data_dir, kind, encoder, guids, expected)
+        loaded[key] = joined_streams(streams), description
+    return loaded[key]
+
+
+def describe_modality(cache_root: Path, data_dir: Path, kind: str, encoder: str) -> dict[str, Any]:
+    """The description ``load_modality`` gives with the features, read from the caches' attributes alone."""
+    names = stream_names(encoder)
+    return joined_description([read_description(cache_path(cache_root, data_dir, kind, name)) for name in names])
+
+
 def load_pair_features(
     cache_root: Path,
     data_dir: Path,
@@ -225,16 +252,10 @@ def load_pair_features(
     call for other rows or another data folder reads its own.
     """
     expected, loaded = expected or {}, {} if loaded is None else loaded
-    folder = str(cache_dir_for(cache_root, data_dir).resolve())
-    rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
-    keys = []
-    for kind, encoder in (("text", text_encoder), ("image", image_encoder)):
-        key = (kind, encoder, folder, rows, json.dumps(expected.get(kind), sort_keys=True))
-        if key not in loaded:
-            streams, description = load_streams(cache_root, data_dir, kind, encoder, guids, expected.get(kind))
-            loaded[key] = joined_streams(streams), description
-        keys.append(key)
-    (text, text_description), (image, image_description) = (loaded[key] for key in keys)
+    (text, text_description), (image, image_description) = (
+        load_modality(cache_root, data_dir, guids, kind, encoder, expected.get(kind), loaded)
+        for kind, encoder in (("text", text_encoder), ("image", image_encoder))
+    )
     return PairFeatures(list(guids), *text, *image), {"text": text_description, "image": image_description}
 
 

@@ -23,10 +23,19 @@ from extract.dataset import LABEL_TO_ID, LABELS, read_split
 from fusion.batched import fit_folds_batched
 from fusion.calibration import ADJUSTMENT_KEY, LogitAdjustment, log_prior, stored_adjustment, tune_tau
 from fusion.config import MODALITIES, BaseHeadConfig, FitConfig, from_dict
-from fusion.features import LoadedFeatures, PairFeatures, load_pair_features, load_text_features
+from fusion.features import (
+    LoadedFeatures,
+    PairFeatures,
+    Stream,
+    describe_modality,
+    load_modality,
+    load_text_features,
+    pool_stream,
+)
 from fusion.metrics import cv_summary, evaluate, format_report
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, plot_confusion, plot_curves
-from fusion.registry import create_run_head, head_config_from_dict, input_poolings
+from fusion.pooled_cache import pooled_path, read_pooled, source_key, write_pooled
+from fusion.registry import create_run_head, head_class, head_config_from_dict, input_poolings
 from fusion.split import fold_splits
 from fusion.train import HeadTrainer, predict_proba
 
@@ -79,15 +88,47 @@ def labelled_rows(data_dir: Path) -> tuple[list[str], np.ndarray]:
 
 @dataclass
 class LabelledFeatures:
-    """Every labelled pair of train.txt with its cached features, loaded once: a sweep fits many heads on it."""
+    """Every labelled pair of train.txt and its cached features, each read once and only when a head needs it: a
+    sweep fits many heads on it.
+
+    A modality a head pools with a fixed pooling comes from ``fusion.pooled_cache`` (its sequences are read, and the
+    vectors pooled and stored, only the first time), so a head pooling both that way never loads a sequence.
+    """
 
     data_dir: Path
     guids: list[str]
     labels: np.ndarray  # (N,) class ids, in train.txt order
-    features: PairFeatures  # (N, …) rows in the same order
+    encoders: dict[str, str]  # modality → its encoder name(s), as `fit --text-encoder/--image-encoder` take them
     descriptions: dict[str, dict[str, Any]]  # the text and image caches' descriptions
     cache_root: Path = Path("cache")
+    loaded: LoadedFeatures = field(default_factory=dict)  # the modalities' sequences read so far (may be shared)
+    pooled: dict[tuple[str, str], Stream] = field(default_factory=dict)  # (modality, pooling) → vectors, mask
     auxiliary: dict[str, tuple[PairFeatures, np.ndarray]] = field(default_factory=dict)  # loaded aux sets by folder
+
+    def stream(self, modality: str) -> Stream:
+        """``modality``'s normalised sequences (N, L, D) float16 and mask (N, L), read from the caches once."""
+        stream, _ = load_modality(
+            self.cache_root, self.data_dir, self.guids, modality, self.encoders[modality], loaded=self.loaded
+        )
+        return stream
+
+    @property
+    def features(self) -> PairFeatures:
+        """Both modalities' sequences, every labelled row."""
+        return PairFeatures(self.guids, *self.stream("text"), *self.stream("image"))
+
+    def pooled_stream(self, modality: str, kind: str) -> Stream:
+        """``modality`` pooled by the fixed pooling ``kind``: (N, 1, D) float32 vectors and (N, 1) mask."""
+        if (modality, kind) not in self.pooled:
+            encoder = self.encoders[modality]
+            key = source_key(self.cache_root, self.data_dir, modality, encoder, self.guids, kind)
+            path = pooled_path(self.cache_root, self.data_dir, modality, encoder, kind)
+            stream = read_pooled(path, key)
+            if stream is None:
+                stream = pool_stream(*self.stream(modality), kind)
+                write_pooled(path, key, stream)
+            self.pooled[modality, kind] = stream
+        return self.pooled[modality, kind]
 
     def aux(self, aux_data: str) -> tuple[PairFeatures, np.ndarray] | None:
         """The labelled texts of a text-only folder, encoded like this set's texts; loaded once, then kept."""
@@ -110,11 +151,21 @@ class LabelledFeatures:
     ) -> tuple[PairFeatures, tuple[PairFeatures, np.ndarray] | None]:
         """What a head of these configs trains on: every pair, and the auxiliary texts (or None).
 
-        Branches with a fixed pooling get vectors pooled once per loaded cache (``PairFeatures.pooled``),
-        shared by every fold and configuration; the modality an ablation leaves out is masked.
+        Branches with a fixed pooling get vectors pooled once per cache (``pooled_stream``), shared by every fold
+        and configuration; a modality the head does not read is one masked position per pair, as
+        ``PairFeatures.batch`` hands it to the head; the modality an ablation leaves out is masked.
         """
         poolings = input_poolings(fit_config.head, head_config)
-        features = with_modalities(self.features.pooled(poolings), fit_config.modalities)
+        streams: list[torch.Tensor] = []
+        for modality in ("text", "image"):
+            if modality in poolings:
+                streams += self.pooled_stream(modality, poolings[modality])
+            elif modality in head_class(fit_config.head).modalities:
+                streams += self.stream(modality)
+            else:
+                dim = self.descriptions[modality]["dim"]
+                streams += torch.zeros(len(self.guids), 1, dim), torch.zeros(len(self.guids), 1, dtype=torch.bool)
+        features = with_modalities(PairFeatures(self.guids, *streams), fit_config.modalities)
         aux = self.aux(fit_config.aux_data)
         return features, None if aux is None else (aux[0].pooled(poolings), aux[1])
 
@@ -141,13 +192,15 @@ def load_labelled(
     data_dir: Path, cache_root: Path, *, text_encoder: str, image_encoder: str,
     loaded: LoadedFeatures | None = None,
 ) -> LabelledFeatures:
-    """Every labelled pair with its features; ``loaded`` shares modalities already read (``load_pair_features``)."""
+    """Every labelled pair, its features read when first needed; ``loaded`` shares modalities already read
+    (``load_pair_features``) with other pairs of caches."""
     guids, labels = labelled_rows(data_dir)
-    features, descriptions = load_pair_features(
-        cache_root, data_dir, guids, text_encoder, image_encoder, loaded=loaded
+    encoders = {"text": text_encoder, "image": image_encoder}
+    descriptions = {modality: describe_modality(cache_root, data_dir, modality, encoder)
+                    for modality, encoder in encoders.items()}
+    return LabelledFeatures(
+        Path(data_dir), guids, labels, encoders, descriptions, Path(cache_root), {} if loaded is None else loaded
     )
-    return LabelledFeatures(Path(data_dir), guids, labels, features, descriptions, Path(cache_root))
-
 
 
 def with_modalities(features: PairFeatures, modalities: str) -> PairFeatures:
@@ -236,6 +289,7 @@ def fit_folds(
         raise ValueError("decision rule 'bias' fits its own class offsets: do not combine it with logit_adjustment")
     split_seed = fit_config.seed if split_seed is None else split_seed
     labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
+    labelled.head_inputs(fit_config, labelled.head_config(fit_config.head, head_options))  # read before any write
     out = prepare_run_dir(out, overwrite)
     fitted: list[HeadTrainer | None] = [None] * folds  # None: fit_fold fits the fold itself
     if fit_config.batch_folds:
@@ -336,6 +390,7 @@ def fit_rows(
     """
     fit_config.validate()
     head_config = labelled.head_config(fit_config.head, head_options)
+    features, aux = labelled.head_inputs(fit_config, head_config)  # a cache that fails does before any write
     out = prepare_run_dir(out, overwrite)
     labels, guids = labelled.labels, labelled.guids
     config = {
@@ -348,7 +403,6 @@ def fit_rows(
         "val_guids": [guids[r] for r in val_rows],
     } | ({"split": split} if split else {})
     write_json(out / CONFIG_FILE, config)  # first, so a crashed run still says what it was
-    features, aux = labelled.head_inputs(fit_config, head_config)
     val = features.subset(val_rows)
     trainer = fitted or HeadTrainer(fit_config, head_config).fit(
         features.subset(train_rows), labels[train_rows], val, labels[val_rows], aux=aux, progress=progress,

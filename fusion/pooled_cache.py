@@ -1,0 +1,63 @@
+"""Fixed poolings of the labelled pairs' features, kept on disk beside the feature caches.
+
+A fixed pooling (``fusion.pooling.FIXED_POOLINGS``) of a modality is a function of its cached,
+normalised features alone, so it is computed once per cache and rows and stored as
+``<cache folder>/pooled/<modality>-<encoders>-<pooling>.pt``. A later fit, sweep or pipeline whose
+head pools that way reads N vectors, (N, 1, D) float32, instead of loading and normalising N
+sequences: 20 MB instead of the default image cache's 566 MB. A file answers only what it was pooled
+from: the same cache files, unchanged since (names, sizes, modification times), the same rows in
+the same order, and this module's ``FORMAT``; anything else pools again and replaces the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from extract.cache import cache_dir_for, cache_path
+from extract.registry import stream_names
+from fusion.features import Stream
+
+FORMAT = 1  # raise when the normalisation or a pooling changes what a stored vector would hold
+
+
+def pooled_path(cache_root: Path, data_dir: Path, modality: str, encoder: str, kind: str) -> Path:
+    """Where ``modality``'s ``kind`` pooling of the caches of ``encoder`` (one or more, comma-separated) lives."""
+    stem = cache_path(cache_root, data_dir, modality, encoder).stem  # text-minilm_vader for minilm+vader's caches
+    return cache_dir_for(cache_root, data_dir) / "pooled" / f"{stem}-{kind}.pt"
+
+
+def source_key(cache_root: Path, data_dir: Path, modality: str, encoder: str, guids: list[str], kind: str) -> str:
+    """What a pooled file must have been pooled from, as JSON: the cache files' identities, the rows, the pooling."""
+    files = []
+    for name in stream_names(encoder):
+        path = cache_path(cache_root, data_dir, modality, name)
+        stat = path.stat()
+        files.append([path.name, stat.st_size, stat.st_mtime_ns])
+    rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
+    return json.dumps({"format": FORMAT, "files": files, "rows": rows, "pooling": kind})
+
+
+def read_pooled(path: Path, key: str) -> Stream | None:
+    """The vectors (N, 1, D) and mask (N, 1) stored at ``path`` for ``key``; None when absent or pooled from
+    anything else (a damaged file included: it is pooled again)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # absent, damaged or foreign, whatever torch.load says of it: pooled again
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key:
+        return None
+    return stored["vectors"], stored["mask"]
+
+
+def write_pooled(path: Path, key: str, stream: Stream) -> None:
+    """Store ``stream`` for ``key`` through a temporary file, so a reader never sees half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    vectors, mask = stream
+    torch.save({"key": key, "vectors": vectors, "mask": mask}, tmp)
+    os.replace(tmp, path)
