@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
 import numpy as np
 
 # scikit-learn is imported where a split is made: with scipy and pandas behind it, importing it takes over a
-# second, which commands that never split (predict, serve, the Python API's Run) should not pay at start.
-
-
-def import_splitters() -> None:
-    """Import scikit-learn's splitters now: once in a process that forks workers, rather than once in each."""
-    import sklearn.model_selection  # noqa: F401
+# second, which commands that never split (predict, serve, the Python API's Run) should not pay at start, nor
+# commands whose splits were made before (fold_splits keeps them).
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,10 +36,55 @@ def fold_splits(labels: np.ndarray, folds: int, val_fraction: float, seed: int) 
     """(train rows, validation rows) of every fold: K stratified folds for K ≥ 2, one hold-out of ``val_fraction``.
 
     fit, sweep, ablate and pipeline all split here (through ``fusion.run.fit_fold``), so the same
-    ``folds``, ``val_fraction`` and ``seed`` give the same rows in every command.
+    ``folds``, ``val_fraction`` and ``seed`` give the same rows in every command. scikit-learn makes each
+    split once per machine: it is kept under ``splits_dir()``, named by the labels, these options and
+    scikit-learn's version, so that a later fit or sweep splits without importing it.
     """
     if folds < 1:
         raise ValueError(f"folds must be at least 1, got {folds}")
-    if folds == 1:
-        return [stratified_split(labels, val_fraction, seed)]
-    return stratified_folds(labels, folds, seed)
+    key = json.dumps({
+        "labels": hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest(), "folds": folds,
+        "val_fraction": val_fraction if folds == 1 else None, "seed": seed,
+        "scikit-learn": metadata.version("scikit-learn"),
+    }, sort_keys=True)
+    if key not in _SPLITS:
+        path = splits_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
+        splits = _read_splits(path, key)
+        if splits is None:
+            splits = stratified_folds(labels, folds, seed) if folds > 1 else [
+                stratified_split(labels, val_fraction, seed)
+            ]
+            _write_splits(path, key, splits)
+        _SPLITS[key] = splits
+    return [(train.copy(), val.copy()) for train, val in _SPLITS[key]]  # a caller's copy: nobody edits the kept ones
+
+
+_SPLITS: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # this process's splits, by fold_splits' key
+
+
+def splits_dir() -> Path:
+    """``$XDG_CACHE_HOME/mmsent/splits`` (``~/.cache/mmsent/splits``): the splits ``fold_splits`` has made."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmsent" / "splits"
+
+
+def _read_splits(path: Path, key: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The splits stored at ``path`` for ``key``; None when there are none (or the file is damaged or foreign)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) != key:
+                return None
+            return [(stored[f"train_{k}"], stored[f"val_{k}"]) for k in range(int(stored["folds"]))]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _write_splits(path: Path, key: str, splits: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Keep ``splits`` for later processes, through a temporary file; a folder it cannot write only costs the reuse."""
+    rows = {f"{part}_{k}": array for k, pair in enumerate(splits) for part, array in zip(("train", "val"), pair)}
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, key=np.array(key), folds=np.array(len(splits)), **rows)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)

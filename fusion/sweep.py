@@ -63,7 +63,7 @@ from fusion.run import (
     prepare_run_dir,
     write_json,
 )
-from fusion.split import fold_splits, import_splitters
+from fusion.split import fold_splits
 from fusion.train import HeadTrainer
 
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
@@ -405,7 +405,9 @@ def fit_locally(inputs: SweepInputs, tasks: list[Task], done: Done) -> None:
             done(position, fit_task(inputs, task))
         return
     threads = max(1, (os.cpu_count() or 1) // inputs.options.jobs)
-    import_splitters()  # every fit splits: imported once before forking, not again in each worker
+    for task in tasks:  # every fit splits: each split made (or read) once here, before forking, not in each worker
+        for trial, _ in task:
+            trial_splits(inputs.labelled[trial.encoders].labels, trial, inputs.options)
     _SHARED["inputs"] = inputs
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(_SHARED.clear)

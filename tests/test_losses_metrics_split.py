@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from extract.dataset import LABELS
-from fusion import losses
+from fusion import losses, split
 from fusion.config import FitConfig
 from fusion.finetune import FinetuneConfig
 from fusion.losses import LossOptions, classification_loss, inverse_frequency_weights, register_loss, training_loss
 from fusion.metrics import evaluate, format_report
-from fusion.split import stratified_folds, stratified_split
+from fusion.split import fold_splits, stratified_folds, stratified_split
 from fusion.train import HeadTrainer
 from tests.test_train import fit, head_config, make_data
 
@@ -245,6 +249,60 @@ def test_stratified_folds_are_seeded():
     other = stratified_folds(labels, 4, seed=2)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again))
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(first, other))
+
+
+@pytest.fixture
+def kept_splits(tmp_path, monkeypatch):
+    """fold_splits keeping its splits in an empty folder, with nothing kept in this process yet."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(split, "_SPLITS", {})
+    return tmp_path / "mmsent" / "splits"
+
+
+def test_fold_splits_are_scikit_learns_made_once_and_read_back(kept_splits, monkeypatch):
+    labels = imbalanced_labels()
+    folds, hold_out = fold_splits(labels, 4, 0.1, seed=2), fold_splits(labels, 1, 0.2, seed=2)
+    expected = stratified_folds(labels, 4, seed=2) + [stratified_split(labels, 0.2, seed=2)]
+    for (train, val), (want_train, want_val) in zip(folds + hold_out, expected):
+        assert np.array_equal(train, want_train) and np.array_equal(val, want_val)
+    assert len(list(kept_splits.glob("*.npz"))) == 2
+    assert not np.array_equal(fold_splits(labels, 1, 0.3, seed=2)[0][1], hold_out[0][1])  # another fraction: its own
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("split again instead of reading the kept split")
+
+    monkeypatch.setattr(split, "_SPLITS", {})  # a new process: the splits come from the files
+    monkeypatch.setattr(split, "stratified_folds", refuse)
+    monkeypatch.setattr(split, "stratified_split", refuse)
+    for (train, val), (want_train, want_val) in zip(
+        fold_splits(labels, 4, 0.1, seed=2) + fold_splits(labels, 1, 0.2, seed=2), expected
+    ):
+        assert np.array_equal(train, want_train) and np.array_equal(val, want_val)
+    fold_splits(labels, 4, 0.1, seed=2)[0][1][:] = -1  # a caller's copy: what is kept stays as it was
+    assert np.array_equal(fold_splits(labels, 4, 0.1, seed=2)[0][1], expected[0][1])
+
+
+def test_a_damaged_kept_split_is_made_again(kept_splits, monkeypatch):
+    labels = imbalanced_labels()
+    fold_splits(labels, 3, 0.1, seed=0)
+    (kept,) = kept_splits.glob("*.npz")
+    kept.write_bytes(b"not a split")
+    monkeypatch.setattr(split, "_SPLITS", {})
+    for (train, val), (want_train, want_val) in zip(fold_splits(labels, 3, 0.1, seed=0),
+                                                    stratified_folds(labels, 3, seed=0)):
+        assert np.array_equal(train, want_train) and np.array_equal(val, want_val)
+    assert kept.read_bytes() != b"not a split"  # and kept again
+
+
+def test_a_split_made_before_needs_no_scikit_learn(kept_splits):
+    """A fit or sweep whose splits were made before does not import scikit-learn (over a second at start)."""
+    code = ("import sys, numpy as np; from fusion.split import fold_splits; "
+            "fold_splits(np.arange(60) % 3, 5, 0.1, 0); print('sklearn' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    environment = {"PYTHONPATH": str(root), "XDG_CACHE_HOME": str(kept_splits.parents[1]), "PATH": ""}
+    first, second = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env=environment).stdout.strip() for _ in range(2))
+    assert (first, second) == ("True", "False")
 
 
 def test_evaluate_gives_scikit_learns_numbers_exactly():
