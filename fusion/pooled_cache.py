@@ -25,10 +25,15 @@ from fusion.features import Stream
 FORMAT = 1  # raise when the normalisation or a pooling changes what a stored vector would hold
 
 
+def pooled_dir(cache_root: Path, data_dir: Path) -> Path:
+    """The folder of a data folder's pooled vectors: deleting it only costs pooling them again."""
+    return cache_dir_for(cache_root, data_dir) / "pooled"
+
+
 def pooled_path(cache_root: Path, data_dir: Path, modality: str, encoder: str, kind: str) -> Path:
     """Where ``modality``'s ``kind`` pooling of the caches of ``encoder`` (one or more, comma-separated) lives."""
     stem = cache_path(cache_root, data_dir, modality, encoder).stem  # text-minilm_vader for minilm+vader's caches
-    return cache_dir_for(cache_root, data_dir) / "pooled" / f"{stem}-{kind}.pt"
+    return pooled_dir(cache_root, data_dir) / f"{stem}-{kind}.pt"
 
 
 def source_key(cache_root: Path, data_dir: Path, modality: str, encoder: str, guids: list[str], kind: str) -> str:
