@@ -102,7 +102,8 @@ class LabelledFeatures:
     descriptions: dict[str, dict[str, Any]]  # the text and image caches' descriptions
     cache_root: Path = Path("cache")
     loaded: LoadedFeatures = field(default_factory=dict)  # the modalities' sequences read so far (may be shared)
-    pooled: dict[tuple[str, str], Stream] = field(default_factory=dict)  # (modality, pooling) → vectors, mask
+    # (modality, fixed pooling) → vectors (N, 1, D) and mask (N, 1); (modality, "unread"): a masked position per pair
+    pooled: dict[tuple[str, str], Stream] = field(default_factory=dict)
     auxiliary: dict[str, tuple[PairFeatures, np.ndarray]] = field(default_factory=dict)  # loaded aux sets by folder
 
     def stream(self, modality: str) -> Stream:
@@ -162,9 +163,11 @@ class LabelledFeatures:
                 streams += self.pooled_stream(modality, poolings[modality])
             elif modality in head_class(fit_config.head).modalities:
                 streams += self.stream(modality)
-            else:
-                dim = self.descriptions[modality]["dim"]
-                streams += torch.zeros(len(self.guids), 1, dim), torch.zeros(len(self.guids), 1, dtype=torch.bool)
+            else:  # made once, so that every fold and configuration shares it (one stream in a batched fit)
+                if (modality, "unread") not in self.pooled:
+                    rows, dim = len(self.guids), self.descriptions[modality]["dim"]
+                    self.pooled[modality, "unread"] = torch.zeros(rows, 1, dim), torch.zeros(rows, 1, dtype=torch.bool)
+                streams += self.pooled[modality, "unread"]
         features = with_modalities(PairFeatures(self.guids, *streams), fit_config.modalities)
         aux = self.aux(fit_config.aux_data)
         return features, None if aux is None else (aux[0].pooled(poolings), aux[1])

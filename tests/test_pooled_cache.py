@@ -105,6 +105,9 @@ def test_a_head_reads_no_sequence_of_a_modality_it_does_not_use(caches, monkeypa
     inputs(labelled, head="text-only", text_pool="mean")  # pools the text once
     refuse_sequences(monkeypatch)
     fresh = labelled_of(caches)
+    unread = inputs(fresh, head="text-only", text_pool="mean")
+    assert unread.image.shape[1] == 1 and not unread.image_mask.any()
+    assert inputs(fresh, head="text-only", text_pool="mean").image is unread.image  # one stream, every fold
     result = fit_rows(fresh, caches["cache_root"].parent / "run", config, {"text_pool": "mean"}, train_rows,
                       val_rows, progress=False, plots=False)
     assert result.trainer.val_metrics_ == expected.val_metrics_
