@@ -11,6 +11,7 @@ the same order, and this module's ``FORMAT``; anything else pools again and repl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,9 +61,14 @@ def read_pooled(path: Path, key: str) -> Stream | None:
 
 
 def write_pooled(path: Path, key: str, stream: Stream) -> None:
-    """Store ``stream`` for ``key`` through a temporary file, so a reader never sees half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Store ``stream`` for ``key`` through a temporary file, so a reader never sees half of one; a cache folder it
+    cannot write (read-only, full) only costs pooling again next time."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     vectors, mask = stream
-    torch.save({"key": key, "vectors": vectors, "mask": mask}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "vectors": vectors, "mask": mask}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # nothing to remove, or nowhere to remove it from
+            tmp.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -87,4 +88,5 @@ def _write_splits(path: Path, key: str, splits: list[tuple[np.ndarray, np.ndarra
         np.savez(tmp, key=np.array(key), folds=np.array(len(splits)), **rows)
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove, or nowhere to remove it from
+            tmp.unlink()

@@ -294,6 +294,15 @@ def test_a_damaged_kept_split_is_made_again(kept_splits, monkeypatch):
     assert kept.read_bytes() != b"not a split"  # and kept again
 
 
+def test_a_split_that_cannot_be_kept_is_made_all_the_same(kept_splits):
+    kept_splits.parent.mkdir(parents=True)
+    kept_splits.write_text("a file where the folder would be")  # as a read-only or full disk would refuse it
+    labels = imbalanced_labels()
+    for (train, val), (want_train, want_val) in zip(fold_splits(labels, 3, 0.1, seed=0),
+                                                    stratified_folds(labels, 3, seed=0)):
+        assert np.array_equal(train, want_train) and np.array_equal(val, want_val)
+
+
 def test_a_split_made_before_needs_no_scikit_learn(kept_splits):
     """A fit or sweep whose splits were made before does not import scikit-learn (over a second at start)."""
     code = ("import sys, numpy as np; from fusion.split import fold_splits; "

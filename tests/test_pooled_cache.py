@@ -14,7 +14,7 @@ import cli
 import fusion.run
 from fusion.config import FitConfig
 from fusion.features import pool_stream
-from fusion.pooled_cache import pooled_path
+from fusion.pooled_cache import pooled_dir, pooled_path
 from fusion.run import fit_rows, load_labelled
 from fusion.split import stratified_split
 
@@ -91,6 +91,14 @@ def test_a_damaged_pooled_file_is_pooled_again(caches):
     again = inputs(labelled_of(caches), text_pool="last", image_pool="first")
     assert torch.equal(again.text, expected.text)
     assert path.read_bytes() != b"not a tensor file"
+
+
+def test_a_cache_folder_that_takes_no_file_still_fits(caches):
+    """Pooled vectors that cannot be stored (a read-only or full cache folder) are pooled in memory all the same."""
+    pooled_dir(caches["cache_root"], caches["data_dir"]).write_text("a file where the folder would be")
+    labelled = labelled_of(caches)
+    pooled = inputs(labelled, text_pool="mean", image_pool="mean")
+    assert torch.equal(pooled.image, pool_stream(*labelled.stream("image"), "mean")[0])
 
 
 def test_a_head_reads_no_sequence_of_a_modality_it_does_not_use(caches, monkeypatch):
