@@ -101,6 +101,13 @@ def shard_path(path: Path, rank: int, world_size: int) -> Path:
     return path.with_name(f"{path.stem}.shard-{rank:02d}-of-{world_size:02d}.h5")
 
 
+def file_identity(path: Path) -> list[list[Any]]:
+    """What changes whenever the cache file ``path`` (or a shard a stitched file reads) is written: name, size,
+    inode, modification and change times of each, for callers that keep results derived from it."""
+    files = [path, *sorted(path.parent.glob(f"{path.stem}.shard-*.h5"))]
+    return [[f.name, (stat := f.stat()).st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns] for f in files]
+
+
 def _shard_world_sizes(path: Path) -> dict[int, list[Path]]:
     """The shards of ``path`` on disk, by the number of processes that wrote them."""
     pattern = re.compile(rf"{re.escape(path.stem)}\.shard-\d+-of-(\d+)\.h5")

@@ -19,15 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.cache import CacheMismatchError, cache_dir_for, cache_path, load_features, read_description
+from extract.cache import (
+    CacheMismatchError,
+    cache_dir_for,
+    cache_path,
+    file_identity,
+    load_features,
+    read_description,
+)
 from extract.registry import STREAM_SEPARATOR, stream_names
 from fusion.layers import normalise_features
 from fusion.pooling import Pool
 
 Stream = tuple[torch.Tensor, torch.Tensor]  # features (N, L, D), mask (N, L) of one encoder
-# (kind, encoder, cache folder, digest of the guids, the description the caller expects as JSON) → that
-# modality's joined features (rows in the guids' order) and description
-LoadedFeatures = dict[tuple[str, str, str, str, str], tuple[Stream, dict[str, Any]]]
+# (kind, encoder, cache folder, digest of the guids, the description the caller expects as JSON, the cache files'
+# identity as JSON) → that modality's joined features (rows in the guids' order) and description
+LoadedFeatures = dict[tuple[str, str, str, str, str, str], tuple[Stream, dict[str, Any]]]
 
 
 @dataclass
@@ -222,11 +229,21 @@ def load_modality(
     loaded = {} if loaded is None else loaded
     folder = str(cache_dir_for(cache_root, data_dir).resolve())
     rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
-    key = (kind, encoder, folder, rows, json.dumps(expected, sort_keys=True))
+    # the files' identity too: a cache extracted again since it was read is read again, not answered from memory
+    files = json.dumps([cache_identity(cache_root, data_dir, kind, name) for name in stream_names(encoder)])
+    key = (kind, encoder, folder, rows, json.dumps(expected, sort_keys=True), files)
     if key not in loaded:
         streams, description = load_streams(cache_root, data_dir, kind, encoder, guids, expected)
         loaded[key] = joined_streams(streams), description
     return loaded[key]
+
+
+def cache_identity(cache_root: Path, data_dir: Path, kind: str, encoder: str) -> list[list[Any]]:
+    """``extract.cache.file_identity`` of one encoder's cache; an absent file is refused in one line."""
+    path = cache_path(cache_root, data_dir, kind, encoder)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no feature cache; run `python cli.py extract` first")
+    return file_identity(path)
 
 
 def describe_modality(cache_root: Path, data_dir: Path, kind: str, encoder: str) -> dict[str, Any]:

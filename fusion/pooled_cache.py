@@ -5,8 +5,9 @@ normalised features alone, so it is computed once per cache and rows and stored 
 ``<cache folder>/pooled/<modality>-<encoders>-<pooling>.pt``. A later fit, sweep or pipeline whose
 head pools that way reads N vectors, (N, 1, D) float32, instead of loading and normalising N
 sequences: 20 MB instead of the default image cache's 566 MB. A file answers only what it was pooled
-from: the same cache files, unchanged since (names, sizes, modification times), the same rows in
-the same order, and this module's ``FORMAT``; anything else pools again and replaces the file.
+from: the same cache files, unchanged since (``extract.cache.file_identity``: names, sizes, inodes,
+modification and change times, shards included) and of the same description, the same rows in the
+same order, and this module's ``FORMAT``; anything else pools again and replaces the file.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from extract.cache import cache_dir_for, cache_path
 from extract.registry import stream_names
-from fusion.features import Stream
+from fusion.features import Stream, cache_identity
 
 FORMAT = 1  # raise when the normalisation or a pooling changes what a stored vector would hold
 
@@ -33,19 +36,23 @@ def pooled_dir(cache_root: Path, data_dir: Path) -> Path:
 
 def pooled_path(cache_root: Path, data_dir: Path, modality: str, encoder: str, kind: str) -> Path:
     """Where ``modality``'s ``kind`` pooling of the caches of ``encoder`` (one or more, comma-separated) lives."""
-    stem = cache_path(cache_root, data_dir, modality, encoder).stem  # text-minilm_vader for minilm+vader's caches
+    # text-minilm_vader for the minilm+vader cache, text-minilm_mpnet for the two of minilm,mpnet
+    stem = cache_path(cache_root, data_dir, modality, encoder).stem
     return pooled_dir(cache_root, data_dir) / f"{stem}-{kind}.pt"
 
 
-def source_key(cache_root: Path, data_dir: Path, modality: str, encoder: str, guids: list[str], kind: str) -> str:
-    """What a pooled file must have been pooled from, as JSON: the cache files' identities, the rows, the pooling."""
-    files = []
-    for name in stream_names(encoder):
-        path = cache_path(cache_root, data_dir, modality, name)
-        stat = path.stat()
-        files.append([path.name, stat.st_size, stat.st_mtime_ns])
+def source_key(
+    cache_root: Path, data_dir: Path, modality: str, encoder: str, guids: list[str], kind: str,
+    description: dict[str, Any],
+) -> str:
+    """What a pooled file must have been pooled from, as JSON: the caches (their files' identity and their
+    ``description``, weights included), the rows and the pooling."""
+    files = [cache_identity(cache_root, data_dir, modality, name) for name in stream_names(encoder)]
     rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
-    return json.dumps({"format": FORMAT, "files": files, "rows": rows, "pooling": kind})
+    return json.dumps(
+        {"format": FORMAT, "files": files, "description": description, "rows": rows, "pooling": kind},
+        sort_keys=True,
+    )
 
 
 def read_pooled(path: Path, key: str) -> Stream | None:
@@ -63,12 +70,15 @@ def read_pooled(path: Path, key: str) -> Stream | None:
 def write_pooled(path: Path, key: str, stream: Stream) -> None:
     """Store ``stream`` for ``key`` through a temporary file, so a reader never sees half of one; a cache folder it
     cannot write (read-only, full) only costs pooling again next time."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     vectors, mask = stream
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "vectors": vectors, "mask": mask}, tmp)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+        with os.fdopen(handle, "wb") as file:
+            torch.save({"key": key, "vectors": vectors, "mask": mask}, file)
         os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):  # nothing to remove, or nowhere to remove it from
-            tmp.unlink()
+    except (OSError, RuntimeError):  # torch.save may report a failed write as a RuntimeError
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -122,7 +122,9 @@ class LabelledFeatures:
         """``modality`` pooled by the fixed pooling ``kind``: (N, 1, D) float32 vectors and (N, 1) mask."""
         if (modality, kind) not in self.pooled:
             encoder = self.encoders[modality]
-            key = source_key(self.cache_root, self.data_dir, modality, encoder, self.guids, kind)
+            key = source_key(
+                self.cache_root, self.data_dir, modality, encoder, self.guids, kind, self.descriptions[modality]
+            )
             path = pooled_path(self.cache_root, self.data_dir, modality, encoder, kind)
             stream = read_pooled(path, key)
             if stream is None:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import cli
 import fusion.run
+from extract.cache import file_identity
 from fusion.config import FitConfig
 from fusion.features import pool_stream
 from fusion.pooled_cache import pooled_dir, pooled_path
@@ -81,6 +82,32 @@ def test_a_changed_cache_is_pooled_again(caches):
     reread.stream = counted
     assert torch.equal(inputs(reread, text_pool="mean", image_pool="mean").image, before)
     assert calls == ["image"]  # the text cache is unchanged: its vectors are read back
+
+
+def test_sequences_read_before_a_cache_changed_are_read_again(caches):
+    """What was read of a cache is answered from memory only while its files are unchanged, so vectors pooled
+    after a new extraction come from the new features."""
+    loaded = {}
+    first = labelled_of(caches)
+    first.loaded = loaded
+    before = first.stream("image")[0]
+    assert first.stream("image")[0] is before  # read once
+    cache_file = next(caches["cache_root"].glob("*/image-*.h5"))
+    stat = cache_file.stat()
+    os.utime(cache_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert first.stream("image")[0] is not before
+    assert len(loaded) == 2
+
+
+def test_a_shard_of_a_stitched_cache_is_part_of_its_identity(tmp_path):
+    cache_file = tmp_path / "image-x.h5"
+    cache_file.write_bytes(b"stitched")
+    shard = tmp_path / "image-x.shard-00-of-02.h5"
+    shard.write_bytes(b"rows")
+    before = file_identity(cache_file)
+    assert [entry[0] for entry in before] == ["image-x.h5", "image-x.shard-00-of-02.h5"]
+    shard.write_bytes(b"other rows")
+    assert file_identity(cache_file) != before
 
 
 def test_a_damaged_pooled_file_is_pooled_again(caches):
