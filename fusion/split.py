@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -33,20 +35,24 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np
     return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
 
 
+SPLITS_FORMAT = 1  # raise when stratified_split or stratified_folds changes which rows a kept split would hold
+_SPLITS: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # this process's splits, by fold_splits' key
+
+
 def fold_splits(labels: np.ndarray, folds: int, val_fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, validation rows) of every fold: K stratified folds for K ≥ 2, one hold-out of ``val_fraction``.
 
     fit, sweep, ablate and pipeline all split here (through ``fusion.run.fit_fold``), so the same
     ``folds``, ``val_fraction`` and ``seed`` give the same rows in every command. scikit-learn makes each
-    split once per machine: it is kept under ``splits_dir()``, named by the labels, these options and
-    scikit-learn's version, so that a later fit or sweep splits without importing it.
+    split once per machine: it is kept under ``splits_dir()``, named by the labels, these options,
+    ``SPLITS_FORMAT`` and scikit-learn's version, so that a later fit or sweep splits without importing it.
     """
     if folds < 1:
         raise ValueError(f"folds must be at least 1, got {folds}")
     key = json.dumps({
         "labels": hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest(), "folds": folds,
-        "val_fraction": val_fraction if folds == 1 else None, "seed": seed,
-        "scikit-learn": metadata.version("scikit-learn"),
+        "val_fraction": val_fraction if folds == 1 else None, "seed": seed, "format": SPLITS_FORMAT,
+        "scikit-learn": _scikit_learn_version(),
     }, sort_keys=True)
     if key not in _SPLITS:
         path = splits_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
@@ -60,7 +66,9 @@ def fold_splits(labels: np.ndarray, folds: int, val_fraction: float, seed: int) 
     return [(train.copy(), val.copy()) for train, val in _SPLITS[key]]  # a caller's copy: nobody edits the kept ones
 
 
-_SPLITS: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # this process's splits, by fold_splits' key
+@functools.cache
+def _scikit_learn_version() -> str:
+    return metadata.version("scikit-learn")  # from its package metadata: importing it is what the kept splits save
 
 
 def splits_dir() -> Path:
@@ -75,18 +83,21 @@ def _read_splits(path: Path, key: str) -> list[tuple[np.ndarray, np.ndarray]] | 
             if str(stored["key"]) != key:
                 return None
             return [(stored[f"train_{k}"], stored[f"val_{k}"]) for k in range(int(stored["folds"]))]
-    except (OSError, KeyError, ValueError):
+    except Exception:  # absent, truncated or foreign, whatever NumPy says of it: split again
         return None
 
 
 def _write_splits(path: Path, key: str, splits: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """Keep ``splits`` for later processes, through a temporary file; a folder it cannot write only costs the reuse."""
     rows = {f"{part}_{k}": array for k, pair in enumerate(splits) for part, array in zip(("train", "val"), pair)}
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, key=np.array(key), folds=np.array(len(splits)), **rows)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp.npz")
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, key=np.array(key), folds=np.array(len(splits)), **rows)
         os.replace(tmp, path)
     except OSError:
-        with contextlib.suppress(OSError):  # nothing to remove, or nowhere to remove it from
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -286,12 +286,15 @@ def test_a_damaged_kept_split_is_made_again(kept_splits, monkeypatch):
     labels = imbalanced_labels()
     fold_splits(labels, 3, 0.1, seed=0)
     (kept,) = kept_splits.glob("*.npz")
-    kept.write_bytes(b"not a split")
-    monkeypatch.setattr(split, "_SPLITS", {})
-    for (train, val), (want_train, want_val) in zip(fold_splits(labels, 3, 0.1, seed=0),
-                                                    stratified_folds(labels, 3, seed=0)):
-        assert np.array_equal(train, want_train) and np.array_equal(val, want_val)
-    assert kept.read_bytes() != b"not a split"  # and kept again
+    whole = kept.read_bytes()
+    for damaged in (b"not a split", whole[: len(whole) // 2]):  # a foreign file, a truncated one
+        kept.write_bytes(damaged)
+        monkeypatch.setattr(split, "_SPLITS", {})
+        for (train, val), (want_train, want_val) in zip(fold_splits(labels, 3, 0.1, seed=0),
+                                                        stratified_folds(labels, 3, seed=0)):
+            assert np.array_equal(train, want_train) and np.array_equal(val, want_val)
+        assert kept.read_bytes() == whole  # and kept again
+    assert list(kept_splits.glob("*.tmp*")) == []
 
 
 def test_a_split_that_cannot_be_kept_is_made_all_the_same(kept_splits):
