@@ -108,7 +108,8 @@ class StackedAdamW:
         self.params, self.lr, self.weight_decay = params, lr, weight_decay
         # torch's moments and step, per stacked parameter: (K, …), (K, …), and (K,) one step per member
         self.state = {
-            name: (torch.zeros_like(p), torch.zeros_like(p), p.new_zeros(len(p))) for name, p in params.items()
+            name: (torch.zeros_like(p), torch.zeros_like(p), torch.zeros(len(p), dtype=torch.float32))
+            for name, p in params.items()
         }
         self._slice()
 

@@ -43,9 +43,10 @@ class AdamW:
 
     ``groups`` are torch's parameter groups: dicts of ``params`` and their ``weight_decay``. As in torch, a
     parameter without a gradient is left alone by a step (no moment decay, no weight decay, no step counted).
+    Made for the heads' CPU training: one kernel call per group, without torch's grouping by device and dtype.
     """
 
-    def __init__(self, groups: Iterable[dict[str, Any]], lr: float):
+    def __init__(self, groups: Iterable[dict[str, Any]], lr: float) -> None:
         self.lr = lr
         self.groups = [(list(group["params"]), group["weight_decay"]) for group in groups]
         # per parameter, as torch's fused AdamW keeps it: first and second moments, and a float32 step count
@@ -57,12 +58,14 @@ class AdamW:
         }
 
     def zero_grad(self) -> None:
+        """Drop every parameter's gradient (torch's ``set_to_none``), so the next backward writes fresh ones."""
         for params, _ in self.groups:
             for p in params:
                 p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
+        """One AdamW step of every parameter that has a gradient, each group with its own weight decay."""
         for params, weight_decay in self.groups:
             stepped = [p for p in params if p.grad is not None]
             if not stepped:
