@@ -12,11 +12,8 @@ same order, and this module's ``FORMAT``; anything else pools again and replaces
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import torch
 from extract.cache import cache_dir_for, cache_path
 from extract.registry import stream_names
 from fusion.features import Stream, cache_identity
+from fusion.kept import write_kept
 
 FORMAT = 1  # raise when the normalisation or a pooling changes what a stored vector would hold
 
@@ -68,17 +66,6 @@ def read_pooled(path: Path, key: str) -> Stream | None:
 
 
 def write_pooled(path: Path, key: str, stream: Stream) -> None:
-    """Store ``stream`` for ``key`` through a temporary file, so a reader never sees half of one; a cache folder it
-    cannot write (read-only, full) only costs pooling again next time."""
+    """Store ``stream`` for ``key`` (``fusion.kept.write_kept``: whole or not at all)."""
     vectors, mask = stream
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "wb") as file:
-            torch.save({"key": key, "vectors": vectors, "mask": mask}, file)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError):  # torch.save may report a failed write as a RuntimeError
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    write_kept(path, lambda file: torch.save({"key": key, "vectors": vectors, "mask": mask}, file))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from fusion.kept import write_kept
 
 # scikit-learn is imported where a split is made: with scipy and pandas behind it, importing it takes over a
 # second, which commands that never split (predict, serve, the Python API's Run) should not pay at start, nor
@@ -88,16 +88,6 @@ def _read_splits(path: Path, key: str) -> list[tuple[np.ndarray, np.ndarray]] | 
 
 
 def _write_splits(path: Path, key: str, splits: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Keep ``splits`` for later processes, through a temporary file; a folder it cannot write only costs the reuse."""
+    """Keep ``splits`` for later processes (``fusion.kept.write_kept``: whole or not at all)."""
     rows = {f"{part}_{k}": array for k, pair in enumerate(splits) for part, array in zip(("train", "val"), pair)}
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp.npz")
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, key=np.array(key), folds=np.array(len(splits)), **rows)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    write_kept(path, lambda file: np.savez(file, key=np.array(key), folds=np.array(len(splits)), **rows))
