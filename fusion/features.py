@@ -71,8 +71,8 @@ class PairFeatures:
         A pooled modality is one position per pair, (N, 1, D), real where the pair had any real
         position: a head pools it back to the same vector, so its logits are those of the whole
         sequence, but an epoch reads N·D numbers instead of N·L·D. Each (modality, pooling) is
-        computed once per features object and kept, so every fold and configuration of a sweep
-        that subsets these features shares it.
+        computed once per features object and kept (the auxiliary texts' features, fixtures; the
+        labelled pairs' are kept on disk by ``fusion.run.LabelledFeatures.pooled_stream``).
         """
         streams = {"text": (self.text, self.text_mask), "image": (self.image, self.image_mask)}
         for modality, kind in poolings.items():

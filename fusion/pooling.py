@@ -6,8 +6,9 @@ skipped image, an empty stream) pools to zeros rather than NaN.
 ``project_and_pool`` is what the pooled heads call: the same result as projecting
 every position and pooling, computed by pooling first wherever that is exact. The fixed
 poolings (every one but attention) give a branch the same input vector every epoch, so the
-trainer pools such branches once per loaded cache (``fixed_input_poolings``,
-``fusion.features.PairFeatures.pooled``) and the head then pools a single position.
+trainer pools such branches once per cache (``fusion.registry.input_poolings`` says which;
+``fusion.run.LabelledFeatures.pooled_stream`` pools them, kept by ``fusion.pooled_cache``) and the
+head then pools a single position.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def create_run_head(run_config: dict[str, Any]) -> nn.Module:
 def input_poolings(name: str, config: BaseHeadConfig) -> dict[str, str]:
     """Modality → fixed pooling of each branch of head ``name`` that pools its raw inputs with one.
 
-    Such a branch sees the same pooled vector every epoch: the trainer pools it once per loaded
-    cache (``PairFeatures.pooled``) instead of streaming the whole sequence each batch.
+    Such a branch sees the same pooled vector every epoch: the trainer pools it once per cache
+    (``fusion.run.LabelledFeatures.pooled_stream``) instead of streaming the whole sequence each batch.
     Heads without the ``PoolsInputs`` mixin (cross-attention) pool after attending: nothing to share.
     """
     poolings = getattr(head_class(name), "input_poolings", None)
