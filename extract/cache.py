@@ -101,10 +101,17 @@ def shard_path(path: Path, rank: int, world_size: int) -> Path:
     return path.with_name(f"{path.stem}.shard-{rank:02d}-of-{world_size:02d}.h5")
 
 
+def require_cache(path: Path) -> Path:
+    """``path``, or a one-line refusal with the fix when there is no cache file there."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no feature cache; run `python cli.py extract` first")
+    return Path(path)
+
+
 def file_identity(path: Path) -> list[list[Any]]:
     """What changes whenever the cache file ``path`` (or a shard a stitched file reads) is written: name, size,
     inode, modification and change times of each, for callers that keep results derived from it."""
-    files = [path, *sorted(path.parent.glob(f"{path.stem}.shard-*.h5"))]
+    files = [require_cache(path), *sorted(path.parent.glob(f"{path.stem}.shard-*.h5"))]
     return [[f.name, (stat := f.stat()).st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns] for f in files]
 
 
@@ -300,9 +307,7 @@ def _warn_on_versions(path: Path, handle: h5py.File) -> None:
 
 
 def read_description(path: Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no feature cache; run `python cli.py extract` first")
-    with open_cache(path, "r") as handle:
+    with open_cache(require_cache(path), "r") as handle:
         return _describe_file(handle)
 
 
@@ -318,9 +323,7 @@ def open_cache(path: Path, mode: str) -> h5py.File:
 
 def load_features(path: Path, guids: list[str], expected: dict[str, Any] | None = None) -> CachedFeatures:
     """Load the rows of ``guids`` (in that order); every guid must be in the cache."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no feature cache; run `python cli.py extract` first")
+    path = require_cache(path)
     with open_cache(path, "r") as handle:
         description = _describe_file(handle)
         if expected is not None:

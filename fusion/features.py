@@ -228,22 +228,23 @@ def load_modality(
     description; ``loaded`` as ``load_pair_features`` takes it."""
     loaded = {} if loaded is None else loaded
     folder = str(cache_dir_for(cache_root, data_dir).resolve())
-    rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
     # the files' identity too: a cache extracted again since it was read is read again, not answered from memory
-    files = json.dumps([cache_identity(cache_root, data_dir, kind, name) for name in stream_names(encoder)])
-    key = (kind, encoder, folder, rows, json.dumps(expected, sort_keys=True), files)
+    files = json.dumps(cache_identity(cache_root, data_dir, kind, encoder))
+    key = (kind, encoder, folder, guids_digest(guids), json.dumps(expected, sort_keys=True), files)
     if key not in loaded:
         streams, description = load_streams(cache_root, data_dir, kind, encoder, guids, expected)
         loaded[key] = joined_streams(streams), description
     return loaded[key]
 
 
-def cache_identity(cache_root: Path, data_dir: Path, kind: str, encoder: str) -> list[list[Any]]:
-    """``extract.cache.file_identity`` of one encoder's cache; an absent file is refused in one line."""
-    path = cache_path(cache_root, data_dir, kind, encoder)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no feature cache; run `python cli.py extract` first")
-    return file_identity(path)
+def cache_identity(cache_root: Path, data_dir: Path, kind: str, encoder: str) -> list[list[list[Any]]]:
+    """``extract.cache.file_identity`` of each cache of ``encoder`` (one or more, comma-separated)."""
+    return [file_identity(cache_path(cache_root, data_dir, kind, name)) for name in stream_names(encoder)]
+
+
+def guids_digest(guids: list[str]) -> str:
+    """A digest of the rows ``guids`` name, in their order: what a kept result of those rows is keyed by."""
+    return hashlib.sha1("\n".join(guids).encode()).hexdigest()
 
 
 def describe_modality(cache_root: Path, data_dir: Path, kind: str, encoder: str) -> dict[str, Any]:

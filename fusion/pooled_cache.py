@@ -12,7 +12,6 @@ same order, and this module's ``FORMAT``; anything else pools again and replaces
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ from typing import Any
 import torch
 
 from extract.cache import cache_dir_for, cache_path
-from extract.registry import stream_names
-from fusion.features import Stream, cache_identity
+from fusion.features import Stream, cache_identity, guids_digest
 from fusion.kept import write_kept
 
 FORMAT = 1  # raise when the normalisation or a pooling changes what a stored vector would hold
@@ -45,12 +43,10 @@ def source_key(
 ) -> str:
     """What a pooled file must have been pooled from, as JSON: the caches (their files' identity and their
     ``description``, weights included), the rows and the pooling."""
-    files = [cache_identity(cache_root, data_dir, modality, name) for name in stream_names(encoder)]
-    rows = hashlib.sha1("\n".join(guids).encode()).hexdigest()
-    return json.dumps(
-        {"format": FORMAT, "files": files, "description": description, "rows": rows, "pooling": kind},
-        sort_keys=True,
-    )
+    return json.dumps({
+        "format": FORMAT, "files": cache_identity(cache_root, data_dir, modality, encoder),
+        "description": description, "rows": guids_digest(guids), "pooling": kind,
+    }, sort_keys=True)
 
 
 def read_pooled(path: Path, key: str) -> Stream | None:

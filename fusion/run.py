@@ -133,6 +133,14 @@ class LabelledFeatures:
             self.pooled[modality, kind] = stream
         return self.pooled[modality, kind]
 
+    def unread_stream(self, modality: str) -> Stream:
+        """What a head that does not read ``modality`` is handed: one masked position per pair, (N, 1, D) zeros and
+        (N, 1) False, made once so that every fold and configuration shares it (one stream in a batched fit)."""
+        if (modality, "unread") not in self.pooled:
+            rows, dim = len(self.guids), self.descriptions[modality]["dim"]
+            self.pooled[modality, "unread"] = torch.zeros(rows, 1, dim), torch.zeros(rows, 1, dtype=torch.bool)
+        return self.pooled[modality, "unread"]
+
     def aux(self, aux_data: str) -> tuple[PairFeatures, np.ndarray] | None:
         """The labelled texts of a text-only folder, encoded like this set's texts; loaded once, then kept."""
         if not aux_data:
@@ -165,11 +173,8 @@ class LabelledFeatures:
                 streams += self.pooled_stream(modality, poolings[modality])
             elif modality in head_class(fit_config.head).modalities:
                 streams += self.stream(modality)
-            else:  # made once, so that every fold and configuration shares it (one stream in a batched fit)
-                if (modality, "unread") not in self.pooled:
-                    rows, dim = len(self.guids), self.descriptions[modality]["dim"]
-                    self.pooled[modality, "unread"] = torch.zeros(rows, 1, dim), torch.zeros(rows, 1, dtype=torch.bool)
-                streams += self.pooled[modality, "unread"]
+            else:
+                streams += self.unread_stream(modality)
         features = with_modalities(PairFeatures(self.guids, *streams), fit_config.modalities)
         aux = self.aux(fit_config.aux_data)
         return features, None if aux is None else (aux[0].pooled(poolings), aux[1])
