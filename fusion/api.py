@@ -211,9 +211,19 @@ class Run:
         return np.concatenate(chunks, axis=1)
 
     def predict_proba(self, posts: Sequence[Post] | Post, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities (N, C), columns in ``self.labels`` order, of raw posts."""
+        """Class probabilities (N, C), columns in ``self.labels`` order, of raw posts.
+
+        The decision rule sees the posts together: ``prior`` gives them the training labels' class shares, as
+        for a test set. ``decide_each`` decides each post alone, as a server must.
+        """
         posts = [posts] if isinstance(posts, Post) else list(posts)
         return self.rule.apply(self.member_probabilities(posts, batch_size))
+
+    def decide_each(self, members: np.ndarray) -> np.ndarray:
+        """The decision rule on each post alone (N, C), from members' probabilities (M, N, C): a post's answer
+        never depends on the posts that came with it (``prior`` fits class shares over the rows it is given)."""
+        decided = [self.rule.apply(members[:, row : row + 1]) for row in range(members.shape[1])]  # (1, C) each
+        return np.concatenate(decided) if decided else np.zeros((0, len(self.labels)), np.float32)
 
     def predict(self, posts: Sequence[Post] | Post, batch_size: int = 32) -> list[str]:
         """The label of each post."""
@@ -256,6 +266,11 @@ class Run:
             each.append(member.probabilities(features))
         return np.asarray(each)  # (M, N, C)
 
+    @property
+    def explainable(self) -> bool:
+        """Whether ``explain`` can attribute this run's prediction: its members read the same encoders' features."""
+        return len({member.encoders for member in self.members}) == 1
+
     def explain(
         self, post: Post, target: str | int | None = None, steps: int = DEFAULT_STEPS
     ) -> tuple[Explanation, Image.Image]:
@@ -265,10 +280,9 @@ class Run:
         (default: the class the run predicts), averaged over the members: for an ensemble, the mean
         member's explanation. The probabilities are the run's (after its decision rule).
         """
-        keys = {member.encoders for member in self.members}
-        if len(keys) > 1:
+        if not self.explainable:
             raise ValueError("explain needs members that share their encoders (one run, or the folds of one)")
-        encoders = self.encoder_sets[keys.pop()].build(self.device)
+        encoders = self.encoder_sets[self.members[0].encoders].build(self.device)
         picture = post.picture()
         features = encoders.features([post], [picture], self.device)  # encoded once, for the prediction and IG
         members = np.stack([member.probabilities(features) for member in self.members])  # (M, 1, C)
@@ -279,7 +293,11 @@ class Run:
                     steps=steps, labels=self.labels)
             for m in self.members
         ]
-        token_weights = np.mean([e.token_weights for e in each], axis=0)  # (T,)
+        # A member that does not read a modality (ablate's text-only or image-only runs) gets it as one masked
+        # position, so its weights there are a single zero: zeros over the post's own positions instead.
+        text_length, image_length = (x.shape[1] for x in features.batch(torch.tensor([0]))[::2])
+        token_weights = np.mean([_zero_padded(e.token_weights, text_length) for e in each], axis=0)  # (T,)
+        patch_weights = np.mean([_zero_padded(e.patch_weights, image_length) for e in each], axis=0)  # (P,)
         words: list[Word] = []
         text_encoder = encoders.text[0]
         if hasattr(text_encoder, "tokenize_item") and len(encoders.text) == 1:
@@ -289,7 +307,7 @@ class Run:
             target=each[0].target,
             probabilities={label: float(p) for label, p in zip(self.labels, probabilities)},
             token_weights=token_weights.astype(np.float32),
-            patch_weights=np.mean([e.patch_weights for e in each], axis=0).astype(np.float32),  # (P,)
+            patch_weights=patch_weights.astype(np.float32),
             logit_gap=float(np.mean([e.logit_gap for e in each])),
             delta=float(np.mean([e.delta for e in each])),
             steps=steps,
@@ -408,6 +426,11 @@ def load_encoders(descriptions: dict[str, dict[str, Any]]) -> dict[str, list[Enc
             check_identity(Path(f"<{kind} encoder {encoder.name}>"), encoder.eval().describe(), stream)
             encoders[kind].append(encoder)
     return encoders
+
+
+def _zero_padded(weights: np.ndarray, length: int) -> np.ndarray:
+    """(L,) weights followed by zeros up to (length,)."""
+    return np.pad(np.asarray(weights), (0, length - len(weights)))
 
 
 def _on_cpu(stream: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

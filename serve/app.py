@@ -87,8 +87,8 @@ class Batcher:
             try:
                 with self.turn:
                     members = self.run.member_probabilities([post for post, _ in batch])  # (M, B, C)
-                for row, (_, answer) in enumerate(batch):
-                    answer.set_result(self.run.rule.apply(members[:, row : row + 1])[0])  # one row: its own shares
+                for probabilities, (_, answer) in zip(self.run.decide_each(members), batch):
+                    answer.set_result(probabilities)
             except Exception as error:  # the requests that waited get it; the worker keeps serving
                 for _, answer in batch:
                     if not answer.done():
@@ -140,6 +140,7 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
             "labels": list(run.labels),
             "members": len(run.members),
             "decision": run.rule.name,
+            "explainable": run.explainable,
             "encoders": {kind: description.get("encoder") for kind, description in first.items()},
             "limits": {"max_upload_mb": limits.max_upload_bytes / 2**20, "max_text_chars": limits.max_text_chars,
                        "max_batch": limits.max_batch},
@@ -151,6 +152,9 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
         text: str = Form("", description="The post's text; empty predicts from the image (and its text, +ocr)."),
         explain: bool = Form(False, description="Also return which words and image regions pushed the prediction."),
     ) -> dict[str, Any]:
+        if explain and not run.explainable:
+            raise HTTPException(422, "explain needs members that share their encoders (one run, or the folds of one); "
+                                     "this server's runs read different ones: ask without explain")
         post = _post(text, image, limits)
         started = time.perf_counter()
         if explain:
@@ -174,9 +178,9 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
         posts = [_post(text, image, limits, f"post {i}") for i, (text, image) in enumerate(zip(texts, images))]
         started = time.perf_counter()
         with turn:
-            probabilities = run.predict_proba(posts)  # (N, C)
+            members = run.member_probabilities(posts)  # (M, N, C)
         return {
-            "predictions": [_prediction(run, p) for p in probabilities],
+            "predictions": [_prediction(run, p) for p in run.decide_each(members)],  # each post decided alone
             "seconds": round(time.perf_counter() - started, 4),
         }
 

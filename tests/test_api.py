@@ -7,6 +7,7 @@ that was validated.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -151,6 +152,29 @@ def test_explain_averages_the_members_of_an_ensemble(cached, tmp_path):
     each = [explain(m.head, *features.batch(torch.tensor([0])), target="negative") for m in run.members]
     np.testing.assert_allclose(explanation.patch_weights, np.mean([e.patch_weights for e in each], axis=0), atol=1e-6)
     assert explanation.target == "negative"
+
+
+def test_explain_gives_every_member_the_posts_positions_whatever_it_reads(cached, tmp_path):
+    # An ablation's runs read one modality: the other comes to their heads as one masked position. An ensemble of a
+    # text-only, an image-only and a two-modality member still explains each word and each patch of the post.
+    run = Run.load(fit_by_cli(cached, tmp_path / "run"))
+    both = run.members[0]
+    run.members = [dataclasses.replace(both, modalities=m) for m in ("text", "image", "both")]
+    guid = unlabelled(cached)[0]
+    post = Post(read_text(cached["data"], guid), image_path(cached["data"], guid))
+    explanation, picture = run.explain(post, target="positive")
+    features = next(iter(run.encoder_sets.values())).features([post], [picture], run.device)
+    text, _, image, _ = features.batch(torch.tensor([0]))  # the post's own positions
+    direct = explain(both.head, *features.batch(torch.tensor([0])), target="positive")
+    alone = {m: explain(both.head, *with_modalities(features, m).batch(torch.tensor([0])), target="positive")
+             for m in ("text", "image")}
+    assert explanation.token_weights.shape == (text.shape[1],) and explanation.patch_weights.shape == (image.shape[1],)
+    # the image-only member adds zeros to the words, the text-only one to the patches
+    np.testing.assert_allclose(explanation.token_weights, (alone["text"].token_weights + direct.token_weights) / 3,
+                               atol=1e-6)
+    np.testing.assert_allclose(explanation.patch_weights, (alone["image"].patch_weights + direct.patch_weights) / 3,
+                               atol=1e-6)
+    assert [word.text for word in explanation.words]
 
 
 def test_predict_explain_writes_the_heatmap_words_and_json(cached, tmp_path):

@@ -11,6 +11,7 @@ With ``MMSENT_SCREENSHOT=path`` set, the page after a prediction is saved there 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -196,6 +197,20 @@ def test_the_page_predicts_and_explains_a_post_as_the_api_does(served_run, page)
 
     if os.environ.get("MMSENT_SCREENSHOT"):
         page.screenshot(path=os.environ["MMSENT_SCREENSHOT"], full_page=True)
+
+
+def test_runs_on_different_encoders_leave_explain_off_and_still_predict(served_run, page):
+    run, data, guid = served_run["run"], served_run["data"], served_run["guid"]
+    key = run.members[0].encoders
+    twin = dataclasses.replace(run.members[0], encoders="other")  # the same head, as if it read other encoders
+    mixed = Run([run.members[0], twin], {key: run.encoder_sets[key], "other": run.encoder_sets[key]}, run.rule)
+    with serving(mixed) as url:
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('explain').disabled")  # once /health has answered
+        assert not page.is_checked("#explain")
+        bars = predict_in_page(page, read_text(data, guid), image_path(data, guid))
+    assert page.text_content("#error") == ""
+    assert [bar["label"] for bar in bars] == list(LABELS)
 
 
 def test_with_a_token_the_page_needs_it_and_sends_it_as_a_bearer_header(served_run, page):

@@ -7,6 +7,7 @@ must get a 4xx with one line in ``detail``, and the server must answer the next 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import tempfile
@@ -25,8 +26,9 @@ import cli
 from extract.dataset import LABELS, image_path, read_split, read_text
 from extract.registry import IMAGE_ENCODERS, create_text_encoder
 from extract.run import extract_features
-from fusion.api import FitSpec, Post, fit
+from fusion.api import FitSpec, Post, Run, fit
 from fusion.config import FitConfig
+from fusion.decision import PriorRule
 from serve.app import Batcher, Limits, check_binding, create_app
 
 TOKEN = "s3cret"
@@ -117,9 +119,44 @@ def test_batch_predicts_every_post_in_order(served, client):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_a_batch_decides_each_post_alone(served):
+    # A rule fitted on the rows it is given (prior: class shares, from min_rows rows on) must see each post alone:
+    # a post's answer is the same in a batch as sent by itself, whatever comes with it.
+    run, data = served
+    prior = Run(run.members, run.encoder_sets, PriorRule(prior=[0.8, 0.1, 0.1], min_rows=2), run.device)
+    client = TestClient(create_app(prior, limits=Limits(max_batch=4)))
+    guids = [row.guid for row in read_split(data, "test")][:4]
+    texts = [read_text(data, guid) for guid in guids]
+    response = client.post("/predict/batch", data={"texts": texts},
+                           files=[("images", upload(data, guid)) for guid in guids])
+    assert response.status_code == 200, response.text
+    got = np.array([[p["probabilities"][label] for label in LABELS] for p in response.json()["predictions"]])
+    posts = [Post(t, image_path(data, g)) for t, g in zip(texts, guids)]
+    alone = np.concatenate([prior.predict_proba([post]) for post in posts])  # one row: below min_rows, the mean
+    np.testing.assert_allclose(got, alone, atol=1e-6)
+    assert not np.allclose(prior.predict_proba(posts), alone, atol=1e-3)  # the rule does act on 4 rows together
+    single = client.post("/predict", data={"text": texts[0]}, files={"image": upload(data, guids[0])}).json()
+    np.testing.assert_allclose([single["probabilities"][label] for label in LABELS], alone[0], atol=1e-6)
+
+
+def test_runs_on_different_encoders_predict_but_refuse_to_explain(served):
+    run, data = served
+    key = run.members[0].encoders
+    twin = dataclasses.replace(run.members[0], encoders="other")  # the same head, as if it read other encoders
+    mixed = Run([run.members[0], twin], {key: run.encoder_sets[key], "other": run.encoder_sets[key]}, run.rule)
+    client = TestClient(create_app(mixed))
+    assert client.get("/health").json()["explainable"] is False
+    guid = read_split(data, "test")[0].guid
+    refused(client.post("/predict", data={"text": "a post", "explain": "true"}, files={"image": upload(data, guid)}),
+            422, "explain needs members that share their encoders")
+    answered = client.post("/predict", data={"text": "a post"}, files={"image": upload(data, guid)})
+    assert answered.status_code == 200 and answered.json()["label"] in LABELS
+
+
 def test_health_and_the_page(served, client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["labels"] == list(LABELS) and health["members"] == 1
+    assert health["explainable"] is True
     assert health["encoders"]["image"] == "tiny-resnet18-serve" and health["limits"]["max_text_chars"] == 300
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
