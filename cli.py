@@ -624,6 +624,9 @@ def serve(
     ),
     insecure: bool = typer.Option(False, "--insecure", help="Allow binding beyond loopback without a token."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="Largest image upload accepted."),
+    max_megapixels: float = typer.Option(
+        40.0, "--max-megapixels", min=0.01, help="Largest decoded image accepted (a small PNG can claim a huge one)."
+    ),
     max_text_chars: int = typer.Option(2000, "--max-text-chars", min=1, help="Longest post text accepted."),
     decision: str | None = typer.Option(None, "--decision", help="Decision rule of an ensemble (as predict)."),
     data: Path = DataOption,
@@ -643,7 +646,8 @@ def serve(
     loaded = Run.load(run, decision=decision, data_dir=data, device=device)
     for encoders in loaded.encoder_sets.values():
         encoders.build(loaded.device)  # now, not on the first request
-    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_text_chars=max_text_chars)
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6),
+                    max_text_chars=max_text_chars)
     typer.echo(f"loaded {loaded} in {time.perf_counter() - started:.1f} s; serving on http://{host}:{port}/")
     uvicorn.run(create_app(loaded, token=token, limits=limits), host=host, port=port, log_level="warning")
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import warnings
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 LABELS: tuple[str, ...] = ("positive", "neutral", "negative")
 LABEL_TO_ID: dict[str, int] = {label: i for i, label in enumerate(LABELS)}
@@ -33,6 +33,8 @@ TEST_FILE = "test_without_label.txt"
 TEXTS_FILE = "texts.csv"
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 MANIFEST_COLUMNS = ("guid", "text", "image", "label")
+TURNING_ORIENTATIONS = range(2, 9)  # EXIF orientations that flip or turn the stored pixels (1: as stored)
+EXIF_ERRORS = (SyntaxError, ValueError, OSError, struct.error)  # what PIL raises on an EXIF block it cannot parse
 
 
 @dataclass(frozen=True)
@@ -292,28 +294,44 @@ class BadImageError(ValueError):
         return type(self), (self.guid, self.path, self.reason)
 
 
-def load_image(path: Path | BinaryIO, guid: str = "?") -> Image.Image:
-    """Open any image mode (greyscale, CMYK, palette, alpha) as fully decoded RGB.
+class ImageTooLargeError(BadImageError):
+    """An image with more pixels than the reader accepts, refused from its header before it is decoded."""
+
+
+def load_image(path: Path | BinaryIO, guid: str = "?", max_pixels: int | None = None) -> Image.Image:
+    """Open any image mode (greyscale, CMYK, palette, alpha) as fully decoded RGB, upright.
 
     ``path`` may also be an open binary file (an upload); errors then name it ``<upload>``. An image
-    over PIL's pixel limit (a decompression bomb) is refused like an undecodable one.
+    with more than ``max_pixels`` pixels (default: PIL's pixel limit, against decompression bombs) is
+    refused from its header (``ImageTooLargeError``). A photo stored sideways with an EXIF orientation
+    (phone cameras) is turned as its tag says, as a browser shows it.
     """
     name = Path(path) if isinstance(path, (str, Path)) else Path("<upload>")
     if isinstance(path, (str, Path)) and not name.is_file():
         raise BadImageError(guid, name, "file not found")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between its pixel limit and twice that; past the limit is refused, not decoded
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(name if isinstance(path, (str, Path)) else path) as image:
-                image.load()
-                return rgb_image(image)
-    except (
-        UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning
-    ) as error:
+        with Image.open(name if isinstance(path, (str, Path)) else path) as image:
+            # checked here rather than by turning PIL's warning into an error: warning filters are process-wide,
+            # so a server decoding in several threads could lose the filter in one while another restores it
+            if limit is not None and image.width * image.height > limit:
+                raise ImageTooLargeError(guid, name, f"{image.width} × {image.height} = "
+                                         f"{image.width * image.height:,} pixels, over the limit of {limit:,}")
+            image.load()
+            return rgb_image(upright(image))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         # PIL names an unknown format by the file object it was given (an address, for an upload): say what it means
         reason = "unknown image format" if isinstance(error, UnidentifiedImageError) else str(error)
         raise BadImageError(guid, name, reason or type(error).__name__) from error
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned and flipped as its EXIF orientation tag says (itself when it has none, or a damaged one)."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except EXIF_ERRORS:  # a damaged EXIF block: the pixels as stored
+        return image
+    return ImageOps.exif_transpose(image) if orientation in TURNING_ORIENTATIONS else image
 
 
 def rgb_image(image: Image.Image) -> Image.Image:

@@ -15,7 +15,7 @@ and ``--skip-bad`` are the same whichever path runs. On the CPU the two paths ag
 8-bit level per pixel (libjpeg-turbo decodes exactly as Pillow does; only the antialiased resize
 rounds differently; tests/test_decode.py). nvjpeg's IDCT and chroma upsampling are not
 libjpeg-turbo's, so on CUDA the difference can be larger: ``benchmarks/gpu.py`` measures it.
-Neither path applies EXIF orientation.
+A JPEG whose EXIF orientation turns it goes through the PIL path, which turns it upright.
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import ExifTags, Image
 
-from extract.dataset import BadImageError, image_path, load_image
+from extract.dataset import EXIF_ERRORS, TURNING_ORIENTATIONS, BadImageError, image_path, load_image
 
 DECODERS = ("auto", "pil", "tensor")  # auto: tensor on CUDA, PIL otherwise
 
 # JPEG markers (ITU T.81, table B.1).
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _SOS = 0xDA
+_APP1 = 0xE1  # where EXIF lives
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–SOF15 (DHT, JPG and DAC excluded)
 _TENSOR_FRAMES = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended sequential, progressive; Huffman-coded
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RST0–7 carry no length
@@ -69,7 +71,8 @@ def is_plain_jpeg(data: bytes) -> bool:
     The end marker must be the last two bytes: torchvision's CPU decoder refuses a truncated file
     as PIL does, but what nvjpeg makes of one is not documented, so a truncated file (or one with
     bytes after its end marker, which only costs speed) takes the PIL path and gets its verdict.
-    CMYK/YCCK (4 components), 12-bit, arithmetic-coded and lossless files are rare and go to PIL too.
+    CMYK/YCCK (4 components), 12-bit, arithmetic-coded and lossless files are rare and go to PIL too,
+    and so does a photo whose EXIF orientation turns it (``load_image`` turns it upright).
     """
     if len(data) < 4 or data[:2] != _SOI or data[-2:] != _EOI:
         return False
@@ -88,8 +91,24 @@ def is_plain_jpeg(data: bytes) -> bool:
         elif marker == _SOS or marker == _EOI[1]:  # a scan or the end before any frame header
             return False
         else:
-            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            if marker == _APP1 and _turned(bytes(data[at + 4 : at + 2 + length])):
+                return False
+            at += 2 + length
     return False
+
+
+def _turned(segment: bytes) -> bool:
+    """Whether an APP1 segment is EXIF with an orientation that turns or flips the picture (or EXIF PIL cannot read:
+    the PIL path then decides, as for every file this path does not take)."""
+    if not segment.startswith(b"Exif\x00\x00"):
+        return False
+    exif = Image.Exif()
+    try:
+        exif.load(segment)
+    except EXIF_ERRORS:
+        return True
+    return exif.get(ExifTags.Base.Orientation, 1) in TURNING_ORIENTATIONS
 
 
 def pil_pixels(image: Any, *, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -73,13 +73,14 @@ class Post:
     text: str
     image: str | Path | Image.Image | bytes
 
-    def picture(self, name: str = "<post>") -> Image.Image:
-        """The image as RGB; an unreadable one raises ``BadImageError`` naming ``name``."""
+    def picture(self, name: str = "<post>", max_pixels: int | None = None) -> Image.Image:
+        """The image as RGB, upright; an unreadable one raises ``BadImageError`` naming ``name``, and one of more than
+        ``max_pixels`` pixels (default: PIL's limit) ``ImageTooLargeError`` (``extract.dataset.load_image``)."""
         if isinstance(self.image, Image.Image):
             return rgb_image(self.image)
         if isinstance(self.image, bytes):
-            return load_image(io.BytesIO(self.image), name)
-        return load_image(Path(self.image), name)
+            return load_image(io.BytesIO(self.image), name, max_pixels)
+        return load_image(Path(self.image), name, max_pixels)
 
 
 @dataclass

@@ -33,13 +33,14 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from extract.dataset import BadImageError
+from extract.dataset import BadImageError, ImageTooLargeError
 from fusion.api import Post, Run
 from fusion.explain import DEFAULT_STEPS, Explanation, patch_grid
 
 PAGE = Path(__file__).with_name("page.html")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_COOKIE = "mmsent_token"
+FORM_OVERHEAD_BYTES = 16_384  # multipart boundaries, field headers and the small fields (explain) of one post
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,14 @@ class Limits:
     """What one request may send; larger inputs are refused before they reach the model."""
 
     max_upload_bytes: int = 10 * 2**20  # one image file
+    max_pixels: int = 40_000_000  # one decoded image (120 MB as RGB); a few KB of PNG can claim far more
     max_text_chars: int = 2_000  # one post's text (a tweet is 280)
     max_batch: int = 64  # posts in one /predict/batch call
     explain_steps: int = DEFAULT_STEPS  # Integrated Gradients path points of explain=true
+
+    def max_request_bytes(self, posts: int) -> int:
+        """The largest request body ``posts`` posts can need: their files and texts (UTF-8), and the form's framing."""
+        return posts * (self.max_upload_bytes + 4 * self.max_text_chars + FORM_OVERHEAD_BYTES)
 
 
 def check_binding(host: str, token: str | None, insecure: bool) -> None:
@@ -105,6 +111,17 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
     batcher = Batcher(run, turn, limits.max_batch)
 
     @app.middleware("http")
+    async def bounded(request: Request, call_next: Any) -> Any:
+        """Refuse a body larger than any allowed request from its Content-Length, before it is received (Starlette
+        would spool it to a temporary file first). A body sent without one is still bounded per file as it is read."""
+        posts = limits.max_batch if request.url.path.rstrip("/").endswith("/batch") else 1
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_request_bytes(posts):
+            return JSONResponse({"detail": f"request body of {int(declared):,} bytes; the limit is "
+                                           f"{limits.max_request_bytes(posts):,} (--max-upload-mb)"}, status_code=413)
+        return await call_next(request)
+
+    @app.middleware("http")
     async def authorised(request: Request, call_next: Any) -> Any:
         """With a token, every path (the page, the API, /docs) needs it: as a bearer header, as ``?token=`` (how a
         browser opens the page; the answer then sets it as a same-site cookie, so a reload works) or that cookie."""
@@ -142,8 +159,8 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
             "decision": run.rule.name,
             "explainable": run.explainable,
             "encoders": {kind: description.get("encoder") for kind, description in first.items()},
-            "limits": {"max_upload_mb": limits.max_upload_bytes / 2**20, "max_text_chars": limits.max_text_chars,
-                       "max_batch": limits.max_batch},
+            "limits": {"max_upload_mb": limits.max_upload_bytes / 2**20, "max_megapixels": limits.max_pixels / 1e6,
+                       "max_text_chars": limits.max_text_chars, "max_batch": limits.max_batch},
         }
 
     @app.post("/predict")
@@ -188,7 +205,8 @@ def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits())
 
 
 def _post(text: str, upload: UploadFile, limits: Limits, name: str = "image") -> Post:
-    """A checked post from a form's text and upload: 413 when too large, 400 when not an image."""
+    """A checked post from a form's text and upload: 413 when too large (bytes, pixels or text), 400 when not an
+    image."""
     if len(text) > limits.max_text_chars:
         raise HTTPException(413, f"{name}: text of {len(text)} characters; the limit is {limits.max_text_chars}")
     data = upload.file.read(limits.max_upload_bytes + 1)
@@ -199,7 +217,9 @@ def _post(text: str, upload: UploadFile, limits: Limits, name: str = "image") ->
     if not data:
         raise HTTPException(400, f"{name}: empty upload")
     try:
-        return Post(text, Post(text, data).picture(upload.filename or name))  # decoded once, here
+        return Post(text, Post(text, data).picture(upload.filename or name, limits.max_pixels))  # decoded once, here
+    except ImageTooLargeError as error:
+        raise HTTPException(413, f"{name}: {error.reason} (--max-megapixels)") from None
     except BadImageError as error:
         raise HTTPException(400, f"{name}: not a readable image ({error.reason})") from None
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from extract.dataset import (
     LABELS,
     BadImageError,
+    ImageTooLargeError,
     decode_text,
     image_path,
     load_image,
@@ -129,6 +131,33 @@ def test_data_folder_images_all_load_as_rgb(data_dir, data_spec):
         image = load_image(path, guid)
         assert image.mode == "RGB"
         assert image.size == data_spec.sizes[guid]
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_load_image_turns_a_photo_upright_as_its_exif_says(tmp_path, orientation):
+    # Phone cameras store a portrait photo as landscape pixels with an EXIF orientation; browsers show it upright.
+    stored = Image.new("RGB", (40, 30), (10, 10, 10))
+    stored.paste((250, 0, 0), (0, 0, 10, 10))  # a red corner, top left as stored
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    path = tmp_path / "o.jpg"
+    stored.save(path, format="JPEG", exif=exif, quality=95)
+    loaded = load_image(path)
+    shown = {1: ((40, 30), (2, 2)), 3: ((40, 30), (37, 27)), 6: ((30, 40), (27, 2)), 8: ((30, 40), (2, 37))}
+    size, red_at = shown[orientation]  # where a browser draws the red corner
+    assert loaded.size == size
+    red, green, _ = loaded.getpixel(red_at)
+    assert red > 200 and green < 60
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    path = _save(tmp_path / "7.jpg", Image.new("RGB", (300, 200)), "PNG")
+    with pytest.raises(ImageTooLargeError, match=r"guid 7: .*300 × 200 = 60,000 pixels, over the limit of 50,000"):
+        load_image(path, "7", max_pixels=50_000)
+    assert load_image(path, "7", max_pixels=60_000).size == (300, 200)
+    decoding = mock.patch.object(Image.Image, "load", side_effect=AssertionError("decoded"))
+    with decoding, pytest.raises(ImageTooLargeError):  # refused from the header: no pixel decoded
+        load_image(path, "7", max_pixels=50_000)
 
 
 def test_missing_image_raises_bad_image_error_naming_guid(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.io
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from extract.cache import load_features
 from extract.dataset import BadImageError, image_path, load_image
@@ -55,6 +55,12 @@ def _encoded(image: Image.Image, image_format: str = "JPEG", **options) -> bytes
     return buffer.getvalue()
 
 
+def _orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = value
+    return exif
+
+
 def _undecodable_jpeg() -> bytes:
     """Frame header and tables of a real JPEG, then a scan header with a bogus length: neither decoder reads it."""
     data = _encoded(_photo(40, 30))
@@ -87,8 +93,11 @@ def test_auto_decoder_is_tensor_on_cuda_only():
         (_encoded(_photo(40, 30)) + b"trailer", False),  # bytes after the end marker
         (b"\xff\xd8\xff\xd9", False),  # no frame header
         (b"", False),
+        (_encoded(_photo(40, 30), exif=_orientation(1)), True),  # EXIF that leaves the pixels as stored
+        (_encoded(_photo(40, 30), exif=_orientation(6)), False),  # a phone's portrait photo: PIL turns it upright
     ],
-    ids=["baseline", "progressive", "grey", "444", "cmyk", "png", "truncated", "trailer", "empty-jpeg", "empty"],
+    ids=["baseline", "progressive", "grey", "444", "cmyk", "png", "truncated", "trailer", "empty-jpeg", "empty",
+         "exif-upright", "exif-turned"],
 )
 def test_which_files_take_the_tensor_path(data, plain):
     assert is_plain_jpeg(data) is plain
@@ -128,6 +137,20 @@ def test_tensor_path_matches_pil_path_at_224(tmp_path, width, height, options):
 
 
 # --- fallbacks and bad files ------------------------------------------------------------------------------
+
+
+def test_a_turned_photo_takes_the_pil_path_and_comes_out_upright(tmp_path):
+    square = {"image_size": 64, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    (tmp_path / "data").mkdir()
+    image_path(tmp_path, "1").write_bytes(_encoded(_photo(80, 40), exif=_orientation(6)))
+    item = read_raw_image(tmp_path, "1", **square)
+    assert isinstance(item, torch.Tensor)  # PIL's pixels, made in the worker
+    (pixels,) = decode_images([item], **square, device="cpu")
+    with Image.open(image_path(tmp_path, "1")) as stored:
+        upright = pil_pixels(ImageOps.exif_transpose(stored).convert("RGB"), **square)
+    assert torch.equal(pixels, upright)
+
+
 
 
 def test_non_jpeg_files_fall_back_to_pil_in_the_worker(tiny_image_encoder, data_dir, data_spec):

@@ -199,6 +199,23 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, client, 
     assert client.post("/predict", files={"image": ("ok.png", png(150, 150), "image/png")}).status_code == 200
 
 
+def test_images_over_the_pixel_limit_and_oversized_bodies_are_refused_early(served):
+    run, _ = served
+    small = TestClient(create_app(run, limits=Limits(max_upload_bytes=1_000, max_pixels=150 * 150 - 1,
+                                                     max_text_chars=10, max_batch=4)))
+    # a few hundred bytes of PNG that decode to more pixels than allowed: refused from the header
+    refused(small.post("/predict", files={"image": ("wide.png", png(150, 150), "image/png")}), 413,
+            "150 × 150 = 22,500 pixels, over the limit of 22,499", "--max-megapixels")
+    assert small.post("/predict", files={"image": ("ok.png", png(149, 150), "image/png")}).status_code == 200
+    # a body larger than any request may be is refused from its Content-Length, before it is read
+    with mock.patch("serve.app._post", side_effect=AssertionError("the body was read")):
+        refused(small.post("/predict", files={"image": ("big.png", b"\0" * 30_000, "image/png")}), 413,
+                "request body of", "the limit is 17,424")
+    # a batch may be up to max_batch times larger: there the file itself is over its own limit
+    refused(small.post("/predict/batch", data={"texts": ["a"]}, files=[("images", ("big.png", b"\0" * 30_000))]),
+            413, "post 0: upload over the limit")
+
+
 def test_uploads_leave_nothing_on_disk(served, client):
     _, data = served
     big = png(800, 800, noise=True)  # a spooled upload over 1 MB goes through a temporary file, removed after
