@@ -11,7 +11,8 @@ work takes turns on it: the model math already uses every core, so running two a
 only split them. Single posts that arrive while the model is busy wait together and go through
 it as one batch (``Batcher``): a batch of 32 posts costs about a third per post of one post
 alone on a 2-core CPU (benchmarks/serve.py), so concurrent clients are served faster, and each
-post's probabilities are its own (the decision rule is applied row by row). Uploads are read into
+post's probabilities are its own (the decision rule is applied row by row; a post that fails in the
+model is retried alone, so that it fails only its own request). Uploads are read into
 memory, never written to disk, and checked before any model work: a bad request costs a 4xx
 with one line in ``detail``, and the server keeps serving.
 """
@@ -91,14 +92,22 @@ class Batcher:
                 except queue.Empty:
                     break
             try:
-                with self.turn:
-                    members = self.run.member_probabilities([post for post, _ in batch])  # (M, B, C)
-                for probabilities, (_, answer) in zip(self.run.decide_each(members), batch):
-                    answer.set_result(probabilities)
-            except Exception as error:  # the requests that waited get it; the worker keeps serving
-                for _, answer in batch:
-                    if not answer.done():
-                        answer.set_exception(error)
+                self._answer(batch)
+            except Exception as error:  # the worker keeps serving
+                if len(batch) == 1:
+                    batch[0][1].set_exception(error)
+                    continue
+                for item in batch:  # a post at fault must not fail the posts batched with it: each alone
+                    try:
+                        self._answer([item])
+                    except Exception as alone:
+                        item[1].set_exception(alone)
+
+    def _answer(self, batch: list[tuple[Post, Future]]) -> None:
+        with self.turn:
+            members = self.run.member_probabilities([post for post, _ in batch])  # (M, B, C)
+        for probabilities, (_, answer) in zip(self.run.decide_each(members), batch):
+            answer.set_result(probabilities)
 
 
 def create_app(run: Run, *, token: str | None = None, limits: Limits = Limits()) -> FastAPI:

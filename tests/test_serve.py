@@ -278,3 +278,33 @@ def test_concurrent_posts_are_batched_and_each_gets_its_own_probabilities(served
     # the worker took what had arrived before it waited (at least one), then the rest in batches of at most 8
     assert sum(sizes) == len(posts) and max(sizes) <= 8 and len(sizes) <= 3, sizes
     np.testing.assert_allclose(got, np.concatenate([run.predict_proba([post]) for post in posts]), atol=1e-6)
+
+
+def test_a_post_that_fails_in_the_model_fails_alone_not_its_batch(served):
+    run, data = served
+    guids = [row.guid for row in read_split(data, "test")][:4]
+    posts = [Post(read_text(data, guid), image_path(data, guid)) for guid in guids]
+    bad = Post("the post the model trips on", image_path(data, guids[0]))
+    turn, arrived = threading.Lock(), threading.Semaphore(0)
+    batcher = Batcher(run, turn, max_batch=8)
+    member_probabilities = run.member_probabilities
+
+    def trips(batch):
+        if any(post is bad for post in batch):
+            raise RuntimeError("the model tripped")
+        return member_probabilities(batch)
+
+    put = batcher.waiting.put
+    with (
+        mock.patch.object(run, "member_probabilities", trips),
+        mock.patch.object(batcher.waiting, "put", lambda item: put(item) or arrived.release()),
+    ):
+        with turn:  # every post arrives while the worker waits: they go through as one batch
+            pool = ThreadPoolExecutor(len(posts) + 1)
+            answers = [pool.submit(batcher.predict_proba, post) for post in [*posts, bad]]
+            for _ in answers:
+                assert arrived.acquire(timeout=30), "a post never reached the batcher"
+        with pytest.raises(RuntimeError, match="the model tripped"):
+            answers[-1].result(timeout=60)
+        got = np.array([answer.result(timeout=60) for answer in answers[:-1]])
+    np.testing.assert_allclose(got, np.concatenate([run.predict_proba([post]) for post in posts]), atol=1e-6)
