@@ -61,7 +61,10 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, EncoderUnavailableError, BadImageError) as error:
+        except (
+            ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            EncoderUnavailableError, BadImageError,
+        ) as error:  # a path that is a file where a folder is needed (or the reverse) or not writable: one line too
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
 
@@ -347,6 +350,9 @@ def predict(
         return
     if out is None:
         raise typer.BadParameter("give --out FILE for the submission, or --text and --image for one post")
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder: give the submission's file name (e.g. {out / 'submission.csv'})",
+                                 param_hint="--out")
     _submit_and_report(run, data, cache, out, decision, chunk_rows)
 
 

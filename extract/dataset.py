@@ -49,6 +49,13 @@ def _read_tagged_csv(path: Path, columns: list[str], valid_tags: set[str]) -> li
 
     Returns each row as its ``LabelledGuid`` and its cells; blank lines are skipped.
     """
+    try:
+        return _read_tagged_rows(path, columns, valid_tags)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason}): save it as UTF-8") from None
+
+
+def _read_tagged_rows(path: Path, columns: list[str], valid_tags: set[str]) -> list[tuple[LabelledGuid, list[str]]]:
     rows: list[tuple[LabelledGuid, list[str]]] = []
     seen: dict[str, int] = {}
     expected = ",".join(columns)

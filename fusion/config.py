@@ -8,6 +8,7 @@ Nothing here imports torch, so the command line reads the defaults without loadi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -118,22 +119,35 @@ class FitConfig:
         validate_loss(self.loss, self.label_smoothing, self.focal_gamma)
         if self.modalities not in MODALITIES:
             raise ValueError(f"modalities={self.modalities!r} is not one of {list(MODALITIES)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        validate_split(self.val_fraction, self.seed)
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.aux_data and self.modalities == "image":
             raise ValueError("aux_data adds texts without images: it cannot train a modalities=image head")
-        if self.aux_per_epoch <= 0:
-            raise ValueError(f"aux_per_epoch must be positive, got {self.aux_per_epoch}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_numbers(self, positive=("lr", "aux_per_epoch"), non_negative=("weight_decay",))
         if self.batch_folds:
             from fusion.batched import check_batchable
 
             check_batchable(self)
         return self
+
+
+def validate_split(val_fraction: float, seed: int) -> None:
+    """Refuse a held-out share or a seed that cannot split ``train.txt`` (fit and finetune split it alike)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if seed < 0:
+        raise ValueError(f"seed must be at least 0, got {seed}")
+
+
+def check_numbers(config: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Refuse a NaN, an infinity, or a value out of range among ``config``'s named float options."""
+    for name in (*positive, *non_negative):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
+            bound = "above 0" if name in positive else "of at least 0"
+            raise ValueError(f"{name} must be a finite number {bound}, got {value}")
 
 
 def validate_loss(loss: str, label_smoothing: float, focal_gamma: float) -> None:

@@ -28,14 +28,14 @@ from extract.cache import check_identity
 from extract.dataset import LABELS
 from extract.memory import reuse_freed_memory
 from extract.run import default_workers
-from fusion.config import FitConfig, from_dict, validate_loss
+from fusion.config import FitConfig, check_numbers, from_dict, validate_loss, validate_split
 from fusion.losses import training_loss
 from fusion.metrics import evaluate, format_report
 from fusion.pair_model import PairModel, RawPairs, build_encoders, move_batch, predict_raw, save_pair_model
 from fusion.precision import autocast
 from fusion.registry import create_run_head, head_config_from_dict
 from fusion.run import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, labelled_rows, prepare_run_dir, read_config, write_json
-from fusion.split import stratified_split
+from fusion.split import fold_splits
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -79,6 +79,9 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        validate_split(self.val_fraction, self.seed)
+        check_numbers(self, positive=("head_lr", "encoder_lr", "layer_decay", "max_grad_norm"),
+                      non_negative=("weight_decay",))
         return self
 
 
@@ -201,6 +204,8 @@ def plan_run(
     descriptions = {"text": text_encoder.describe(), "image": image_encoder.describe()}
     if from_run is not None:
         source = read_config(from_run)
+        if not (Path(from_run) / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{from_run}: no {WEIGHTS_FILE}: the fit run did not finish; fit it again first")
         for kind in ("text", "image"):
             # The head must start from the features it was fitted on: same encoder, weights, preprocessing.
             check_identity(Path(from_run), descriptions[kind], source["encoders"][kind])
@@ -211,7 +216,7 @@ def plan_run(
             "text_dim": text_encoder.dim, "image_dim": image_encoder.dim, "image_length": image_encoder.length,
             "num_classes": len(LABELS),
         }
-        _, val_rows = stratified_split(labels, config.val_fraction, config.seed)
+        _, val_rows = fold_splits(labels, 1, config.val_fraction, config.seed)[0]  # fit's hold-out for these options
         val_guids = [guids[r] for r in val_rows]
     return {
         "kind": "finetune",

@@ -78,7 +78,10 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); train one with `python cli.py fit`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}): a damaged run folder") from None
 
 
 def labelled_rows(data_dir: Path) -> tuple[list[str], np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from importlib import metadata
 from pathlib import Path
@@ -47,8 +48,7 @@ def fold_splits(labels: np.ndarray, folds: int, val_fraction: float, seed: int) 
     split once per machine: it is kept under ``splits_dir()``, named by the labels, these options,
     ``SPLITS_FORMAT`` and scikit-learn's version, so that a later fit or sweep splits without importing it.
     """
-    if folds < 1:
-        raise ValueError(f"folds must be at least 1, got {folds}")
+    check_splittable(labels, folds, val_fraction)
     key = json.dumps({
         "labels": hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest(), "folds": folds,
         "val_fraction": val_fraction if folds == 1 else None, "seed": seed, "format": SPLITS_FORMAT,
@@ -64,6 +64,24 @@ def fold_splits(labels: np.ndarray, folds: int, val_fraction: float, seed: int) 
             _write_splits(path, key, splits)
         _SPLITS[key] = splits
     return [(train.copy(), val.copy()) for train, val in _SPLITS[key]]  # a caller's copy: nobody edits the kept ones
+
+
+def check_splittable(labels: np.ndarray, folds: int, val_fraction: float) -> None:
+    """Refuse, in this project's words, a split scikit-learn would refuse in its own: too few pairs for the folds,
+    or a hold-out too small (or too large) to keep every class on both sides."""
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
+    pairs, classes = len(labels), len(np.unique(labels))
+    if pairs == 0:
+        raise ValueError("no labelled pairs to split")
+    if folds > 1 and folds > pairs:
+        raise ValueError(f"folds={folds} but only {pairs} labelled pairs: use fewer folds")
+    held_out = math.ceil(pairs * val_fraction)
+    if folds == 1 and not classes <= held_out <= pairs - classes:
+        raise ValueError(
+            f"val_fraction={val_fraction} of {pairs} labelled pairs holds out {held_out}, but each side needs at least "
+            f"one pair of each of the {classes} classes: change --val-fraction or label more pairs"
+        )
 
 
 @functools.cache

@@ -192,7 +192,13 @@ def parse_grid_file(path: Path) -> list[Grid]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: grid file not found")
-    loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    try:
+        loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        where = getattr(error, "problem_mark", None)  # YAML's position and problem; JSON's are in its message
+        line = f":{where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}{line}: not a valid grid file ({problem})") from None
     grids = loaded if isinstance(loaded, list) else [loaded]
     if not grids or not all(isinstance(grid, dict) and grid for grid in grids):
         raise ValueError(f"{path}: expected a mapping option → list of values, or a list of such mappings")
@@ -693,6 +699,9 @@ def ablation_grid(head: str, fixed: Grid) -> list[Grid]:
     The left-out modality is masked (``modalities``), so the rows differ in their input only: same
     architecture, same options, same folds and seeds. ``fixed`` holds one value per option.
     """
+    if set(head_class(head).modalities) != {"text", "image"}:
+        raise ValueError(f"{head} reads {' and '.join(head_class(head).modalities)} only: ablate a head that reads "
+                         "both modalities (its text-only and image-only rows are what the ablation compares)")
     for key, values in fixed.items():
         if key in ("head", "modalities"):
             raise ValueError(f"the ablation sets {key} itself; choose the head with --head")

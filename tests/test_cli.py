@@ -317,3 +317,60 @@ def test_pipeline_extracts_with_the_extract_command_defaults():
         if param.default is not inspect.Parameter.empty and name != "echo"
     }
     assert defaults and {name: options[name] for name in defaults} == defaults
+
+
+def test_bad_numbers_and_paths_are_one_line_and_write_nothing(cached, data_dir, tmp_path):
+    run = tmp_path / "run"
+    one_line_error(invoke("fit", *cached, "--out", run, "--lr", "nan"), "lr must be a finite number above 0, got nan")
+    one_line_error(invoke("fit", *cached, "--out", run, "--seed", -5), "seed must be at least 0, got -5")
+    one_line_error(invoke("fit", *cached, "--out", run, "--weight-decay", -1), "weight_decay", "of at least 0")
+    assert not run.exists()
+    one_line_error(invoke("finetune", "--data", data_dir, "--out", run, "--head-lr", 0, "--text-encoder", "x"),
+                   "head_lr must be a finite number above 0")
+    assert not run.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    one_line_error(invoke("fit", *cached, "--out", a_file / "run"), str(a_file))  # a file where a folder must be
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    fitted = tmp_path / "fitted"
+    succeeded(invoke("fit", *cached, "--out", fitted, *FIT_OPTIONS))
+    refused = invoke("predict", *cached[:4], "--run", fitted, "--out", folder)
+    said = "".join(refused.output.replace("│", "").split())  # typer's box wraps the message, inside words too
+    assert refused.exit_code == 2 and "isafolder" in said and "submission.csv" in said
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob("folder.*"))  # no part file beside it
+    (fitted / "config.json").write_text((fitted / "config.json").read_text()[:50])
+    one_line_error(invoke("predict", *cached[:4], "--run", fitted, "--out", tmp_path / "s.csv"),
+                   str(fitted / "config.json"), "not valid JSON")
+
+
+def test_labels_and_grids_that_cannot_be_read_name_their_file(cached, data_dir, tmp_path):
+    train = data_dir / TRAIN_FILE
+    lines = train.read_text().splitlines()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("lr: [1e-3\nbad\n")
+    one_line_error(invoke("sweep", *cached, "--out", tmp_path / "sweep", "--grid", grid),
+                   f"{grid}:3: not a valid grid file", "expected ','")
+    assert not (tmp_path / "sweep").exists()
+    train.write_bytes(("\n".join(lines[:3]) + "\n1,pos\u00e9itive\n").encode("gbk"))
+    one_line_error(invoke("fit", *cached, "--out", tmp_path / "run"), str(train), "not UTF-8 text")
+    train.write_text("\n".join(lines[:8]) + "\n")  # 7 labelled pairs: a 10 % hold-out is 1 pair, not one per class
+    one_line_error(invoke("fit", *cached, "--out", tmp_path / "run"),
+                   "val_fraction=0.1 of 7 labelled pairs holds out 1", "--val-fraction")
+    one_line_error(invoke("sweep", *cached, "--out", tmp_path / "sweep", "--set", "lr=1e-3", "--folds", 9),
+                   "folds=9 but only 7 labelled pairs")
+
+
+def test_ablate_refuses_a_head_that_reads_one_modality(cached, tmp_path):
+    one_line_error(invoke("ablate", *cached, "--out", tmp_path / "ablation", "--head", "text-only"),
+                   "text-only reads text only")
+    assert not (tmp_path / "ablation").exists()
+
+
+def test_finetune_from_an_unfinished_fit_run_writes_nothing(cached, data_dir, tmp_path):
+    fitted = tmp_path / "fitted"
+    succeeded(invoke("fit", *cached, "--out", fitted, *FIT_OPTIONS))
+    (fitted / "model.pt").unlink()
+    one_line_error(invoke("finetune", "--data", data_dir, "--from-run", fitted, "--out", tmp_path / "ft"),
+                   str(fitted), "no model.pt")
+    assert not (tmp_path / "ft").exists()
