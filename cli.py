@@ -645,9 +645,10 @@ def serve(
     import uvicorn
 
     from fusion.api import Run
-    from serve.app import Limits, check_binding, create_app
+    from serve.app import Limits, check_binding, check_port_free, create_app
 
     check_binding(host, token, insecure)
+    check_port_free(host, port)  # before the model loads, rather than after, in uvicorn's words
     started = time.perf_counter()
     loaded = Run.load(run, decision=decision, data_dir=data, device=device)
     for encoders in loaded.encoder_sets.values():

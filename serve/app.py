@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import math
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -66,6 +67,16 @@ def check_binding(host: str, token: str | None, insecure: bool) -> None:
             f"binding to {host} would let anyone who can reach this machine use the model: give --token SECRET "
             "(clients then send 'Authorization: Bearer SECRET'), or --insecure to serve without one"
         )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, an address this process cannot listen on (another server holds the port, or the host is
+    not one of this machine's)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot serve on {host}:{port}: {error.strerror or error}; choose another --port") from None
 
 
 class Batcher:

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import io
 import os
+import socket
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from extract.run import extract_features
 from fusion.api import FitSpec, Post, Run, fit
 from fusion.config import FitConfig
 from fusion.decision import PriorRule
-from serve.app import Batcher, Limits, check_binding, create_app
+from serve.app import Batcher, Limits, check_binding, check_port_free, create_app
 
 TOKEN = "s3cret"
 
@@ -253,6 +254,17 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(served):
         check_binding("0.0.0.0", None, False)
     result = CliRunner().invoke(cli.app, ["serve", "--run", "nowhere", "--host", "0.0.0.0"])
     assert result.exit_code == 1 and result.output.startswith("error: binding to 0.0.0.0")
+
+
+def test_a_port_already_taken_is_one_line_before_the_run_loads():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot serve on 127.0.0.1:{port}: .*choose another --port"):
+            check_port_free("127.0.0.1", port)
+        with mock.patch("fusion.api.Run.load", side_effect=AssertionError("the run was loaded")):
+            result = CliRunner().invoke(cli.app, ["serve", "--run", "nowhere", "--port", str(port)])
+    assert result.exit_code == 1 and result.output.startswith(f"error: cannot serve on 127.0.0.1:{port}")
+    check_port_free("127.0.0.1", port)  # free again once its holder closed it
 
 
 def test_concurrent_posts_are_batched_and_each_gets_its_own_probabilities(served):
