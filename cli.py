@@ -455,6 +455,10 @@ FoldsOption = typer.Option(
     1, "--folds", min=1, help="Stratified K-fold cross-validation of train.txt (1 = one hold-out split)."
 )
 JobsOption = typer.Option(1, "--jobs", min=1, help="Configurations fitted in parallel worker processes.")
+ResumeSweepOption = typer.Option(
+    False, "--resume", help="Finish an interrupted sweep in --out (the same grid and options): its complete fits "
+    "are kept, the rest fitted; the leaderboard is the whole sweep's.",
+)
 SplitSeedOption = typer.Option(
     0, "--split-seed", help="Seeds the split: every configuration sees the same folds, those of fit --folds K "
     "--split-seed S (fit's default split seed is its --seed; the default seeds, 0, agree).",
@@ -480,6 +484,7 @@ def sweep(
     text_encoder: str = TextEncoderOption,
     image_encoder: str = ImageEncoderOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty sweep folder."),
+    resume: bool = ResumeSweepOption,
     backend: str = typer.Option(
         "local", "--backend", help="local (this machine: --jobs processes) | ray (each configuration × fold a Ray "
         "Tune trial on a Ray cluster; same runs and leaderboard)."
@@ -508,7 +513,7 @@ def sweep(
     _, rows = sweep_from_cache(
         data, cache, out, build_grids(grid, sets + ["batch_folds=true"] * batch_folds),
         SweepOptions(folds, jobs, split_seed, backend, address, cpus_per_trial, search, trials),
-        text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,
+        text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, resume=resume, echo=typer.echo,
     )
     typer.echo(markdown_table(rows, folds))
     typer.echo(f"report: {out / 'report.md'}")
@@ -530,6 +535,7 @@ def ablate(
     text_encoder: str = TextEncoderOption,
     image_encoder: str = ImageEncoderOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow writing into a non-empty folder."),
+    resume: bool = ResumeSweepOption,
 ) -> None:
     """The seed's ablation table — text only, image only, text + image — for one head, K-fold mean ± std.
 
@@ -541,7 +547,7 @@ def ablate(
     head = head or FitConfig.head
     trials, rows = sweep_from_cache(
         data, cache, out, ablation_grid(head, build_grids(None, sets)[0]), SweepOptions(folds, jobs, split_seed),
-        text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, echo=typer.echo,
+        text_encoder=text_encoder, image_encoder=image_encoder, overwrite=overwrite, resume=resume, echo=typer.echo,
     )
     typer.echo(f"ablation of {head} ({folds}-fold validation, mean ± std):")
     typer.echo(ablation_table(rows, trials, folds))

@@ -41,8 +41,9 @@ from fusion.train import HeadTrainer, predict_proba
 
 CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "model.pt", "metrics.json"
 CV_FILE = "cv.json"  # fit --folds K: the folds' validation reports and their mean ± std
+REPORT_FILE = "report.txt"  # a fit's validation report: the last file it writes
 RUN_FILES = (
-    CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, CV_FILE, "confusion_matrix.csv", "report.txt", CURVES_FILE, CONFUSION_FILE
+    CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE, CV_FILE, "confusion_matrix.csv", REPORT_FILE, CURVES_FILE, CONFUSION_FILE
 )
 
 
@@ -441,7 +442,7 @@ def fit_rows(
         "true\\predicted," + ",".join(LABELS) + "\n"
         + "".join(f"{label}," + ",".join(map(str, row)) + "\n" for label, row in zip(LABELS, matrix))
     )
-    (out / "report.txt").write_text(format_report(validation) + "\n")
+    (out / REPORT_FILE).write_text(format_report(validation) + "\n")
     if plots:
         plot_run(out)
     return result

@@ -36,6 +36,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -48,23 +49,26 @@ import torch
 import yaml
 
 from fusion.batched import batch_key, fit_folds_batched
-from fusion.calibration import log_prior, tune_tau
+from fusion.calibration import log_prior, stored_adjustment, tune_tau
 from fusion.config import CACHE_SIZES, FitConfig
 from fusion.features import LoadedFeatures
 from fusion.metrics import METRICS, cv_summary, evaluate, mean_std, metric_of
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_leaderboard
 from fusion.registry import head_class, head_config_from_dict, head_names, head_options
 from fusion.run import (
+    REPORT_FILE,
     LabelledFeatures,
     fit_fold,
     fold_dir,
+    load_head,
     load_labelled,
     plot_run,
     prepare_run_dir,
+    read_metrics,
     write_json,
 )
 from fusion.split import fold_splits
-from fusion.train import HeadTrainer
+from fusion.train import HeadTrainer, predict_proba
 
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 HEAD_CONFIGS = tuple(dict.fromkeys(head_class(name).config_class for name in head_names()))  # each class once
@@ -441,15 +445,25 @@ def fit_trials(
     trials: list[Trial],
     options: SweepOptions,
     echo: Callable[[str], None] = print,
+    *,
+    resume: bool = False,
 ) -> list[FoldResult]:
     """Fit every trial on every fold on ``options.backend``; results in (trial, fold) order.
 
-    ``labelled`` holds the loaded features of each trial's (text, image) encoders.
+    ``labelled`` holds the loaded features of each trial's (text, image) encoders. ``resume``: a (trial, fold)
+    whose run folder is complete is read back (``finished_fit``); an unfinished one is removed and fitted again.
     """
+    inputs = SweepInputs(labelled, Path(out), options)
     tasks = trial_tasks(labelled, trials, options)
     fits = sum(map(len, tasks))
     names = {trial.index: trial.name for trial in trials}
     results: list[FoldResult] = []
+    if resume:
+        found = {(trial.index, fold): finished_fit(inputs, trial, fold) for task in tasks for trial, fold in task}
+        results = [result for result in found.values() if result is not None]
+        left = (tuple((trial, fold) for trial, fold in task if found[trial.index, fold] is None) for task in tasks)
+        tasks = [task for task in left if task]
+        echo(f"resuming: {len(results)} of {fits} fits were complete in {out}; fitting the other {fits - len(results)}")
 
     def done(position: int, fitted: list[FoldResult]) -> None:
         for result in fitted:
@@ -460,8 +474,63 @@ def fit_trials(
                 f"{metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
             )
 
-    executor(options.backend)(SweepInputs(labelled, Path(out), options), tasks, done)
+    executor(options.backend)(inputs, tasks, done)
     return sorted(results, key=lambda result: (result.index, result.fold))
+
+
+PLAN_FILE = "plan.json"  # a sweep's configurations and split, written before its first fit: what --resume checks
+
+
+def sweep_plan(
+    trials: list[Trial], options: SweepOptions, data_dir: Path, text_encoder: str, image_encoder: str
+) -> dict[str, Any]:
+    """What makes a sweep's results what they are: its configurations, folds, split seed, encoders and data.
+    (Jobs and backend only change where the fits run.)"""
+    return {
+        "trials": [{"index": t.index, "name": t.name, "options": t.options, "folder": t.folder} for t in trials],
+        "folds": options.folds, "split_seed": options.split_seed, "search": options.search,
+        "text_encoder": text_encoder, "image_encoder": image_encoder, "data_dir": str(Path(data_dir).resolve()),
+    }
+
+
+def check_resumable(out: Path, plan: dict[str, Any], options: SweepOptions, overwrite: bool) -> None:
+    """Refuse, in one line, to resume anything but this sweep's own unfinished folder."""
+    if overwrite:
+        raise ValueError("--resume continues a sweep and --overwrite starts one afresh: give one of them")
+    if options.search != "grid":
+        raise ValueError(f"--resume continues grid sweeps; a {options.search} search samples anew: start it again")
+    if not (out / PLAN_FILE).is_file():
+        raise FileNotFoundError(f"{out}: no {PLAN_FILE}: not a sweep folder to resume (or one from before --resume)")
+    stored = json.loads((out / PLAN_FILE).read_text())
+    if stored != json.loads(json.dumps(plan)):  # the plan as JSON stores it (tuples become lists)
+        changed = sorted(key for key in plan if stored.get(key) != json.loads(json.dumps(plan[key])))
+        raise ValueError(f"{out} holds another sweep (its {', '.join(changed)} differ): rerun with the same grid "
+                         "and options, or start a new --out")
+
+
+def finished_fit(inputs: SweepInputs, trial: Trial, fold: int) -> FoldResult | None:
+    """The result of a (trial, fold) whose run folder an earlier run of the sweep completed; None when it has no
+    complete folder (one an interruption left half-written is removed, to be fitted again).
+
+    Everything comes from the folder but the validation probabilities, which the saved head gives again on the
+    fold's validation rows (a forward pass: the numbers its fit computed).
+    """
+    options = inputs.options
+    run_dir = fold_dir(inputs.out / "runs" / trial.folder, fold, options.folds)
+    if not (run_dir / REPORT_FILE).is_file():  # the last file fit_rows writes
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        return None
+    labelled = inputs.labelled[trial.encoders]
+    head, _ = load_head(run_dir)
+    head_config = labelled.head_config(trial.fit_config.head, trial.head_options)
+    features, _ = labelled.head_inputs(trial.fit_config, head_config)
+    _, val_rows = fold_splits(labelled.labels, options.folds, trial.fit_config.val_fraction, options.split_seed)[fold]
+    metrics = read_metrics(run_dir)
+    return FoldResult(
+        trial.index, fold, str(run_dir), metrics["validation"], predict_proba(head, features.subset(val_rows)),
+        metrics["fit_seconds"], metrics["parameters"], metrics["best_epoch"], stored_adjustment(metrics).tau,
+    )
 
 
 def cross_fitted(results: list[FoldResult], labels: np.ndarray, val_rows: list[np.ndarray],
@@ -617,6 +686,7 @@ def sweep_from_cache(
     text_encoder: str,
     image_encoder: str,
     overwrite: bool = False,
+    resume: bool = False,
     echo: Callable[[str], None] = print,
 ) -> tuple[list[Trial], list[dict[str, Any]]]:
     """Validate every configuration, create ``out``, load the cached features once, fit and rank them.
@@ -624,11 +694,24 @@ def sweep_from_cache(
     With ``options.search`` random or optuna, the configurations are first sampled from the grid's ranges
     and screened on fold 0 (``fusion.sweep_ray.search``); those ASHA keeps are fitted and ranked on every
     fold like a grid's. Returns the trials and the leaderboard rows (best first).
+
+    ``resume``: ``out`` holds this very sweep, interrupted (its ``PLAN_FILE``, written before any fit, must name
+    the same configurations, folds, split seed, encoders and data); the fits whose run folders are complete are
+    read back, the others fitted again, and the leaderboard is the one the whole sweep would have written.
     """
     options.validate()
     space = None if options.search == "grid" else search_space(grids)
     trials = plan_trials(grids if space is None else [choice_grid(space)], (text_encoder, image_encoder))
-    out = prepare_run_dir(out, overwrite)
+    plan = sweep_plan(trials, options, data_dir, text_encoder, image_encoder)
+    if resume:
+        check_resumable(Path(out), plan, options, overwrite)
+    else:
+        if (Path(out) / PLAN_FILE).is_file() and not overwrite:
+            raise FileExistsError(f"{out}: holds a sweep already: pass --resume to finish it (the same grid and "
+                                  "options), --overwrite to start it again, or choose another --out")
+        out = prepare_run_dir(out, overwrite)
+        write_json(Path(out) / PLAN_FILE, plan)
+    out = Path(out)
     echo(
         (f"{len(trials)} configurations" if space is None else f"{options.search} search of {options.trials} "
          "configurations, ASHA-screened on fold 0; those it keeps")
@@ -651,7 +734,8 @@ def sweep_from_cache(
             session.enter_context(connected(options.address))
             trials = search(SweepInputs(labelled, out, options), space, (text_encoder, image_encoder), echo)
         rows = run_sweep(
-            labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo
+            labelled, out, trials, options, text_encoder=text_encoder, image_encoder=image_encoder, echo=echo,
+            resume=resume,
         )
     return trials, rows
 
@@ -665,10 +749,12 @@ def run_sweep(
     text_encoder: str,
     image_encoder: str,
     echo: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Fit the trials on loaded features, then write the leaderboard, report and sweep.json into the folder ``out``."""
+    """Fit the trials on loaded features, then write the leaderboard, report and sweep.json into the folder ``out``
+    (``resume``: the fits already complete in ``out`` are read back, not fitted again)."""
     started = time.perf_counter()
-    results = fit_trials(labelled, out, trials, options, echo)
+    results = fit_trials(labelled, out, trials, options, echo, resume=resume)
     first = next(iter(labelled.values()))  # every cache holds the same labelled rows of the same data folder
     rows = leaderboard(trials, results, first.labels, options)
     summary = asdict(options) | {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,8 @@ def tiny_cache(tmp_path_factory, tiny_text_encoder_dir, _tiny_image_encoder_temp
 def run(tiny_cache, out: Path, grids, folds: int = 1, jobs: int = 1, **kwargs):
     return sweep_from_cache(
         tiny_cache["data_dir"], tiny_cache["cache_root"], out, grids, SweepOptions(folds, jobs),
-        text_encoder=tiny_cache["text_encoder"], image_encoder=tiny_cache["image_encoder"], echo=lambda _: None,
-        **kwargs,
+        text_encoder=tiny_cache["text_encoder"], image_encoder=tiny_cache["image_encoder"],
+        **{"echo": lambda _: None} | kwargs,
     )
 
 
@@ -405,3 +406,48 @@ def test_fit_and_sweep_with_one_split_seed_fit_the_same_folds_to_the_same_scores
     assert [read_config(default / fold)["val_guids"] for fold in folds] != [
         read_config(fitted / fold)["val_guids"] for fold in folds
     ]
+
+
+# ---- resuming an interrupted sweep -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_folds", [False, True], ids=["one-by-one", "batched"])
+def test_a_resumed_sweep_keeps_its_complete_fits_and_ranks_as_the_whole_sweep(tiny_cache, tmp_path, batch_folds):
+    grid = [GRID_2X2 | {"dropout": [0.0], "batch_folds": [batch_folds]}]  # no dropout: batching changes no number
+    run(tiny_cache, tmp_path / "whole", grid, folds=2)
+    interrupted = tmp_path / "interrupted"
+    trials, _ = run(tiny_cache, interrupted, grid, folds=2)
+    runs = sorted((interrupted / "runs").iterdir())
+    # as an interruption leaves it: no leaderboard yet, one fold half-written, one configuration not started
+    for name in ("leaderboard.csv", "leaderboard.md", "report.md", "sweep.json"):
+        (interrupted / name).unlink()
+    (runs[1] / "fold-1" / "report.txt").unlink()
+    (runs[1] / "fold-1" / "metrics.json").unlink()
+    shutil.rmtree(runs[3])
+    kept = {path: path.stat().st_mtime_ns for path in interrupted.glob("runs/*/fold-*/model.pt")
+            if path.parent != runs[1] / "fold-1"}  # the complete fits
+    assert len(kept) == 5
+    lines: list[str] = []
+    run(tiny_cache, interrupted, grid, folds=2, resume=True, echo=lines.append)
+    assert any(line.startswith("resuming: 5 of 8 fits were complete") for line in lines), lines
+    assert scores(interrupted) == scores(tmp_path / "whole")
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # complete fits not fitted again
+    assert (runs[1] / "fold-1" / "report.txt").is_file() and (runs[3] / "fold-1" / "model.pt").is_file()
+    assert len(trials) == 4
+
+
+def test_resume_refuses_another_sweep_or_no_sweep_and_a_rerun_is_told_about_it(tiny_cache, tmp_path):
+    out = tmp_path / "s"
+    run(tiny_cache, out, [GRID_2X2], folds=2)
+    with pytest.raises(ValueError, match=r"holds another sweep \(its trials differ\)"):
+        run(tiny_cache, out, [GRID_2X2 | {"lr": [1e-3]}], folds=2, resume=True)
+    with pytest.raises(ValueError, match=r"holds another sweep \(its folds differ\)"):
+        run(tiny_cache, out, [GRID_2X2], folds=3, resume=True)
+    with pytest.raises(FileExistsError, match="holds a sweep already: pass --resume"):
+        run(tiny_cache, out, [GRID_2X2], folds=2)
+    with pytest.raises(FileNotFoundError, match="no plan.json"):
+        run(tiny_cache, tmp_path / "empty", [GRID_2X2], folds=2, resume=True)
+    sets = [arg for key, values in GRID_2X2.items() for arg in ("--set", f"{key}={','.join(map(str, values))}")]
+    result = CliRunner().invoke(cli.app, ["sweep", *cli_args(tiny_cache), "--out", str(out), "--folds", "2",
+                                          "--resume", "--overwrite", *sets])
+    assert result.exit_code == 1 and "give one of them" in result.output
