@@ -19,6 +19,7 @@ with one line in ``detail``, and the server keeps serving.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import math
 import queue
@@ -73,10 +74,12 @@ def check_port_free(host: str, port: int) -> None:
     """Refuse, in one line, an address this process cannot listen on (another server holds the port, or the host is
     not one of this machine's)."""
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 for ::1
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as error:
-        raise ValueError(f"cannot serve on {host}:{port}: {error.strerror or error}; choose another --port") from None
+        fix = "choose another --port" if error.errno == errno.EADDRINUSE else "check --host"
+        raise ValueError(f"cannot serve on {host}:{port}: {error.strerror or error}; {fix}") from None
 
 
 class Batcher:
