@@ -216,6 +216,10 @@ def fit(
         "OUT/decision.json anyway.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run (or folds) already in the folder."),
+    resume: bool = typer.Option(
+        False, "--resume", help="With --folds K: finish an interrupted K-fold fit in --out (the same options): its "
+        "complete folds are kept, the others fitted.",
+    ),
     batch_folds: bool = BatchFoldsOption,
 ) -> None:
     """Stage two: train a fusion head on the cached features and report validation metrics."""
@@ -237,9 +241,12 @@ def fit(
         raise typer.BadParameter("a decision rule combines the heads of --folds K (K ≥ 2)", param_hint="--decision")
     if folds == 1 and batch_folds:
         raise typer.BadParameter("batches the K folds of --folds K (K ≥ 2)", param_hint="--batch-folds")
+    if folds == 1 and resume:
+        raise typer.BadParameter("continues the K folds of --folds K (K ≥ 2); one fit starts again",
+                                 param_hint="--resume")
     _fit_and_report(
         data, cache, out, fit_config, head_options, folds=folds, split_seed=split_seed, decision=decision,
-        overwrite=overwrite, text_encoder=text_encoder, image_encoder=image_encoder,
+        overwrite=overwrite, resume=resume, text_encoder=text_encoder, image_encoder=image_encoder,
     )
 
 
@@ -256,6 +263,7 @@ def _fit_and_report(
     overwrite: bool,
     text_encoder: str,
     image_encoder: str,
+    resume: bool = False,
 ) -> None:
     """fit's work and printout once its options are read: pipeline's second stage runs it too, so it prints the same."""
     from fusion.metrics import cv_summary, format_report, metric_of
@@ -265,7 +273,8 @@ def _fit_and_report(
     common = {"text_encoder": text_encoder, "image_encoder": image_encoder, "split_seed": split_seed,
               "overwrite": overwrite}
     if folds > 1:
-        results = fit_folds(data, cache, out, fit_config, head_options, folds=folds, decision=decision, **common)
+        results = fit_folds(data, cache, out, fit_config, head_options, folds=folds, decision=decision, resume=resume,
+                            **common)
         shown = (("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("neutral recall", "neutral_recall"))
         for fold, result in enumerate(results):
             typer.echo(

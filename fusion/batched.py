@@ -257,11 +257,11 @@ def fit_batched(members: list[Member], *, progress: bool = False) -> list[HeadTr
     trainers = []
     for k, (member, model) in enumerate(zip(members, models)):
         model.load_state_dict(best[k][1])
-        trainer = HeadTrainer(member.fit_config, member.head_config)
-        trainer.model_, trainer.precision_, trainer.fit_seconds_ = model.eval(), precision, seconds
-        trainer.best_epoch_, trainer.val_metrics_ = fitted[k]
-        trainer.history_ = histories[k]
-        trainers.append(trainer)
+        best_epoch, val_metrics = fitted[k]
+        trainers.append(HeadTrainer.fitted(
+            member.fit_config, member.head_config, model, best_epoch=best_epoch, val_metrics=val_metrics,
+            history=histories[k], fit_seconds=seconds, precision=precision,
+        ))
     return trainers
 
 

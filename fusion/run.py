@@ -268,6 +268,7 @@ def fit_folds(
     image_encoder: str,
     split_seed: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     decision: str | None = None,
     bias_members: int = 2,
@@ -304,16 +305,27 @@ def fit_folds(
     split_seed = fit_config.seed if split_seed is None else split_seed
     labelled = load_labelled(data_dir, cache_root, text_encoder=text_encoder, image_encoder=image_encoder)
     labelled.head_inputs(fit_config, labelled.head_config(fit_config.head, head_options))  # read before any write
-    out = prepare_run_dir(out, overwrite)
-    fitted: list[HeadTrainer | None] = [None] * folds  # None: fit_fold fits the fold itself
-    if fit_config.batch_folds:
-        fitted = list(fit_folds_batched(
-            labelled, [(fit_config, head_options, fold) for fold in range(folds)], folds=folds, split_seed=split_seed,
+    done: list[RunResult | None] = [None] * folds  # None: the fold is still to fit
+    if resume:
+        if overwrite:
+            raise ValueError("--resume continues a K-fold fit and --overwrite starts one afresh: give one of them")
+        stray = sorted(str(d) for d in Path(out).glob("fold-*") if d.name not in {f"fold-{k}" for k in range(folds)})
+        if not Path(out).is_dir() or stray:
+            raise ValueError(f"{out}: no K-fold fit of {folds} folds to resume" + (f" ({stray[0]})" if stray else ""))
+        done = [finished_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed)
+                for fold in range(folds)]
+    else:
+        out = prepare_run_dir(out, overwrite)
+    left = [fold for fold in range(folds) if done[fold] is None]
+    fitted: dict[int, HeadTrainer] = {}  # fold → its head, trained with the others (batch_folds); else fit_fold fits it
+    if fit_config.batch_folds and len(left) > 1:
+        fitted = dict(zip(left, fit_folds_batched(
+            labelled, [(fit_config, head_options, fold) for fold in left], folds=folds, split_seed=split_seed,
             progress=progress,
-        ))
+        )))
     results = [
-        fit_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed, progress=progress,
-                 fitted=fitted[fold])
+        done[fold] or fit_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed,
+                               progress=progress, fitted=fitted.get(fold))
         for fold in range(folds)
     ]
     reports = [result.validation for result in results]
@@ -376,6 +388,46 @@ def fit_fold(
         split={"folds": folds, "fold": fold, "seed": split_seed}, overwrite=overwrite, progress=progress,
         plots=plots and fold == 0, fitted=fitted,
     )
+
+
+def finished_fold(
+    labelled: LabelledFeatures,
+    out: Path,
+    fit_config: FitConfig,
+    head_options: dict[str, Any],
+    fold: int,
+    *,
+    folds: int,
+    split_seed: int,
+) -> RunResult | None:
+    """Fold ``fold`` as ``fit_fold`` wrote it in an earlier command that was interrupted after it, read back; None
+    when its folder is not complete (a half-written one is removed, to be fitted again).
+
+    Everything comes from the folder but the validation probabilities, which its saved head gives again on the
+    fold's rows (a forward pass: the numbers its fit computed). A fold fitted with other options is refused.
+    """
+    run_dir = fold_dir(out, fold, folds)
+    if not (run_dir / REPORT_FILE).is_file():  # the last file fit_rows writes
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        return None
+    head_config = labelled.head_config(fit_config.head, head_options)
+    config = read_config(run_dir)
+    asked = json.loads(json.dumps({"fit": dataclasses.asdict(fit_config), "head": dataclasses.asdict(head_config)}))
+    if {key: config.get(key) for key in asked} != asked:
+        raise ValueError(f"{run_dir} was fitted with other options: resume with the command that started it, "
+                         "or start afresh with --overwrite")
+    head, _ = load_head(run_dir)
+    metrics = read_metrics(run_dir)
+    trainer = HeadTrainer.fitted(
+        fit_config, head_config, head, best_epoch=metrics["best_epoch"], history=metrics["history"],
+        val_metrics=metrics.get("validation_unadjusted", metrics["validation"]), fit_seconds=metrics["fit_seconds"],
+        precision=metrics["precision"],
+    )
+    features, _ = labelled.head_inputs(fit_config, head_config)
+    _, val_rows = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)[fold]
+    return RunResult(trainer, metrics["validation"], stored_adjustment(metrics),
+                     predict_proba(head, features.subset(val_rows)), metrics["parameters"])
 
 
 def fold_dir(out: Path, fold: int, folds: int) -> Path:

@@ -36,7 +36,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -49,26 +48,25 @@ import torch
 import yaml
 
 from fusion.batched import batch_key, fit_folds_batched
-from fusion.calibration import log_prior, stored_adjustment, tune_tau
+from fusion.calibration import log_prior, tune_tau
 from fusion.config import CACHE_SIZES, FitConfig
 from fusion.features import LoadedFeatures
 from fusion.metrics import METRICS, cv_summary, evaluate, mean_std, metric_of
 from fusion.plots import CONFUSION_FILE, CURVES_FILE, LEADERBOARD_FILE, plot_leaderboard
 from fusion.registry import head_class, head_config_from_dict, head_names, head_options
 from fusion.run import (
-    REPORT_FILE,
     LabelledFeatures,
+    RunResult,
+    finished_fold,
     fit_fold,
     fold_dir,
-    load_head,
     load_labelled,
     plot_run,
     prepare_run_dir,
-    read_metrics,
     write_json,
 )
 from fusion.split import fold_splits
-from fusion.train import HeadTrainer, predict_proba
+from fusion.train import HeadTrainer
 
 FIT_KEYS = tuple(f.name for f in fields(FitConfig))
 HEAD_CONFIGS = tuple(dict.fromkeys(head_class(name).config_class for name in head_names()))  # each class once
@@ -391,11 +389,7 @@ def fit_task(inputs: SweepInputs, task: Task) -> list[FoldResult]:
             labelled, trial_dir, trial.fit_config, trial.head_options, fold, folds=options.folds,
             split_seed=options.split_seed, progress=False, fitted=trainer, plots=False,
         )
-        results.append(FoldResult(
-            trial.index, fold, str(fold_dir(trial_dir, fold, options.folds)), result.validation,
-            result.val_probabilities, result.trainer.fit_seconds_, result.parameters, result.trainer.best_epoch_,
-            result.adjustment.tau,
-        ))
+        results.append(fold_result(trial, fold, fold_dir(trial_dir, fold, options.folds), result))
     return results
 
 
@@ -509,27 +503,19 @@ def check_resumable(out: Path, plan: dict[str, Any], options: SweepOptions, over
 
 
 def finished_fit(inputs: SweepInputs, trial: Trial, fold: int) -> FoldResult | None:
-    """The result of a (trial, fold) whose run folder an earlier run of the sweep completed; None when it has no
-    complete folder (one an interruption left half-written is removed, to be fitted again).
+    """The result of a (trial, fold) an earlier run of the sweep completed (``fusion.run.finished_fold``); None when
+    its run folder is not complete (a half-written one is removed, to be fitted again)."""
+    options, trial_dir = inputs.options, inputs.out / "runs" / trial.folder
+    result = finished_fold(inputs.labelled[trial.encoders], trial_dir, trial.fit_config, trial.head_options, fold,
+                           folds=options.folds, split_seed=options.split_seed)
+    return None if result is None else fold_result(trial, fold, fold_dir(trial_dir, fold, options.folds), result)
 
-    Everything comes from the folder but the validation probabilities, which the saved head gives again on the
-    fold's validation rows (a forward pass: the numbers its fit computed).
-    """
-    options = inputs.options
-    run_dir = fold_dir(inputs.out / "runs" / trial.folder, fold, options.folds)
-    if not (run_dir / REPORT_FILE).is_file():  # the last file fit_rows writes
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        return None
-    labelled = inputs.labelled[trial.encoders]
-    head, _ = load_head(run_dir)
-    head_config = labelled.head_config(trial.fit_config.head, trial.head_options)
-    features, _ = labelled.head_inputs(trial.fit_config, head_config)
-    _, val_rows = fold_splits(labelled.labels, options.folds, trial.fit_config.val_fraction, options.split_seed)[fold]
-    metrics = read_metrics(run_dir)
+
+def fold_result(trial: Trial, fold: int, run_dir: Path, result: RunResult) -> FoldResult:
+    """What the leaderboard needs of one (trial, fold) fit."""
     return FoldResult(
-        trial.index, fold, str(run_dir), metrics["validation"], predict_proba(head, features.subset(val_rows)),
-        metrics["fit_seconds"], metrics["parameters"], metrics["best_epoch"], stored_adjustment(metrics).tau,
+        trial.index, fold, str(run_dir), result.validation, result.val_probabilities, result.trainer.fit_seconds_,
+        result.parameters, result.trainer.best_epoch_, result.adjustment.tau,
     )
 
 

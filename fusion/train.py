@@ -33,6 +33,18 @@ class HeadTrainer:
         self.fit_config = fit_config
         self.head_config = head_config
 
+    @classmethod
+    def fitted(
+        cls, fit_config: FitConfig, head_config: BaseHeadConfig, model: torch.nn.Module, *, best_epoch: int,
+        val_metrics: dict[str, Any], history: list[dict[str, Any]], fit_seconds: float, precision: str,
+    ) -> HeadTrainer:
+        """A trainer holding what ``fit`` sets, for a head trained elsewhere: with other members
+        (``fusion.batched``), or by an earlier, interrupted command (``fusion.run.finished_fold``)."""
+        trainer = cls(fit_config, head_config)
+        trainer.model_, trainer.best_epoch_, trainer.val_metrics_ = model.eval(), best_epoch, val_metrics
+        trainer.history_, trainer.fit_seconds_, trainer.precision_ = history, fit_seconds, precision
+        return trainer
+
     def fit(
         self,
         train: PairFeatures,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -374,3 +375,26 @@ def test_finetune_from_an_unfinished_fit_run_writes_nothing(cached, data_dir, tm
     one_line_error(invoke("finetune", "--data", data_dir, "--from-run", fitted, "--out", tmp_path / "ft"),
                    str(fitted), "no model.pt")
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "batched"])
+def test_an_interrupted_k_fold_fit_resumes_to_the_whole_fits_folder(cached, tmp_path, batched):
+    options = (*cached, *FIT_OPTIONS, "--folds", 3, "--dropout", 0.0, *(("--batch-folds",) if batched else ()))
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    succeeded(invoke("fit", *options, "--out", whole))
+    succeeded(invoke("fit", *options, "--out", interrupted))
+    # as an interruption leaves it: fold 0 complete, fold 1 half-written, fold 2 not started, no cv.json yet
+    for name in ("cv.json", "decision.json"):
+        (interrupted / name).unlink()
+    (interrupted / "fold-1" / "report.txt").unlink()
+    shutil.rmtree(interrupted / "fold-2")
+    kept = (interrupted / "fold-0" / "model.pt").stat().st_mtime_ns
+    one_line_error(invoke("fit", *options, "--out", interrupted, "--resume", "--lr", 1e-3),
+                   str(interrupted / "fold-0"), "fitted with other options")
+    resumed = succeeded(invoke("fit", *options, "--out", interrupted, "--resume"))
+    assert (interrupted / "fold-0" / "model.pt").stat().st_mtime_ns == kept  # not fitted again
+    for name in ("cv.json", "decision.json"):
+        assert json.loads((interrupted / name).read_text()) == json.loads((whole / name).read_text()), name
+    assert "3-fold cross-validation" in resumed.output
+    refused = invoke("fit", *cached, "--out", interrupted, "--resume")
+    assert refused.exit_code == 2 and "--resume" in refused.output  # one fit has nothing to resume
