@@ -108,16 +108,20 @@ def test_predict_explains_with_words_and_a_patch_grid(served, client):
     np.testing.assert_allclose(grid.flatten(), explanation["patch_weights"][:4], atol=1e-6)
 
 
-def test_batch_predicts_every_post_in_order(served, client):
-    run, data = served
-    guids = [row.guid for row in read_split(data, "test")][:3]
+def predict_batch(client, data, guids: list[str]) -> tuple[list[Post], np.ndarray]:
+    """POST the posts of ``guids`` to /predict/batch: the posts, and the probabilities (N, C) it answered."""
     texts = [read_text(data, guid) for guid in guids]
     response = client.post("/predict/batch", data={"texts": texts},
                            files=[("images", upload(data, guid)) for guid in guids])
     assert response.status_code == 200, response.text
     got = np.array([[p["probabilities"][label] for label in LABELS] for p in response.json()["predictions"]])
-    expected = run.predict_proba([Post(t, image_path(data, g)) for t, g in zip(texts, guids)])
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    return [Post(t, image_path(data, g)) for t, g in zip(texts, guids)], got
+
+
+def test_batch_predicts_every_post_in_order(served, client):
+    run, data = served
+    posts, got = predict_batch(client, data, [row.guid for row in read_split(data, "test")][:3])
+    np.testing.assert_allclose(got, run.predict_proba(posts), atol=1e-6)
 
 
 def test_a_batch_decides_each_post_alone(served):
@@ -127,16 +131,11 @@ def test_a_batch_decides_each_post_alone(served):
     prior = Run(run.members, run.encoder_sets, PriorRule(prior=[0.8, 0.1, 0.1], min_rows=2), run.device)
     client = TestClient(create_app(prior, limits=Limits(max_batch=4)))
     guids = [row.guid for row in read_split(data, "test")][:4]
-    texts = [read_text(data, guid) for guid in guids]
-    response = client.post("/predict/batch", data={"texts": texts},
-                           files=[("images", upload(data, guid)) for guid in guids])
-    assert response.status_code == 200, response.text
-    got = np.array([[p["probabilities"][label] for label in LABELS] for p in response.json()["predictions"]])
-    posts = [Post(t, image_path(data, g)) for t, g in zip(texts, guids)]
+    posts, got = predict_batch(client, data, guids)
     alone = np.concatenate([prior.predict_proba([post]) for post in posts])  # one row: below min_rows, the mean
     np.testing.assert_allclose(got, alone, atol=1e-6)
     assert not np.allclose(prior.predict_proba(posts), alone, atol=1e-3)  # the rule does act on 4 rows together
-    single = client.post("/predict", data={"text": texts[0]}, files={"image": upload(data, guids[0])}).json()
+    single = client.post("/predict", data={"text": posts[0].text}, files={"image": upload(data, guids[0])}).json()
     np.testing.assert_allclose([single["probabilities"][label] for label in LABELS], alone[0], atol=1e-6)
 
 
