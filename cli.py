@@ -52,8 +52,21 @@ LossOption = typer.Option(
 )
 
 
+# How each long command continues after Ctrl-C: what the interrupted line says.
+RESUME_HINTS = {
+    "extract": "run the same command again: it encodes only the pairs not cached yet",
+    "predict": "run the same command again: it continues from OUT.part",
+    "pipeline": "run the same command again: extraction continues where it stopped",
+    "fit": "with --folds K, run the same command again with --resume",
+    "sweep": "run the same command again with --resume",
+    "ablate": "run the same command again with --resume",
+    "finetune": "run the same command again with --resume",
+}
+
+
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends the command with one readable line and exit code 1, not a traceback."""
+    """Bad input ends the command with one readable line and exit code 1, not a traceback; Ctrl-C with one line
+    that says how to continue, and exit code 130."""
     from extract.dataset import BadImageError
     from extract.encoders.hf_text import EncoderUnavailableError
 
@@ -61,6 +74,10 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            hint = RESUME_HINTS.get(command.__name__)
+            typer.secho("interrupted" + (f"; to continue, {hint}" if hint else ""), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
         except (
             ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
             EncoderUnavailableError, BadImageError,

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -398,3 +399,13 @@ def test_an_interrupted_k_fold_fit_resumes_to_the_whole_fits_folder(cached, tmp_
     assert "3-fold cross-validation" in resumed.output
     refused = invoke("fit", *cached, "--out", interrupted, "--resume")
     assert refused.exit_code == 2 and "--resume" in refused.output  # one fit has nothing to resume
+
+
+@pytest.mark.parametrize(("command", "hint"), [("sweep", "--resume"), ("extract", "encodes only the pairs not cached")])
+def test_ctrl_c_says_how_to_continue(command, hint, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("extract.dataset.read_split", mock.Mock(side_effect=KeyboardInterrupt))
+    monkeypatch.setattr("fusion.sweep.sweep_from_cache", mock.Mock(side_effect=KeyboardInterrupt))
+    args = ["--out", tmp_path / "s", "--set", "lr=1e-3"] if command == "sweep" else ["--cache", tmp_path / "c"]
+    result = invoke(command, "--data", data_dir, *args)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.output.startswith("interrupted; to continue, ") and hint in result.output
