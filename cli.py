@@ -5,6 +5,7 @@ Run ``python cli.py --help`` or ``python cli.py COMMAND --help``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -382,6 +383,21 @@ def predict(
     _submit_and_report(run, data, cache, out, decision, chunk_rows)
 
 
+def _check_resumed_options(ctx: typer.Context, out: Path, options: dict[str, Any]) -> None:
+    """Refuse --resume with a training option typed on the command line that differs from the run's own: the run
+    continues as it was started, so such an option would be silently ignored."""
+    from fusion.run import read_config
+
+    stored = read_config(out).get("finetune", {})
+    changed = [
+        f"--{name.replace('_', '-')} {value} (the run's: {stored[name]})" for name, value in options.items()
+        if name in stored and value != stored[name] and ctx.get_parameter_source(name).name == "COMMANDLINE"
+    ]
+    if changed:
+        raise typer.BadParameter(f"continues {out} as it was started; leave off {', '.join(changed)}, or start a "
+                                 "new run", param_hint="--resume")
+
+
 def _submit_and_report(
     runs: list[Path], data: Path, cache: Path, out: Path, decision: str | None, chunk_rows: int = 4096
 ) -> None:
@@ -406,6 +422,7 @@ def _submit_and_report(
 @app.command()
 @_one_line_errors
 def finetune(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Run folder to create (or to continue with --resume)."),
     data: Path = DataOption,
     from_run: Path | None = typer.Option(
@@ -455,6 +472,8 @@ def finetune(
         augment=augment, precision=precision, compile=compile, loss=loss, class_weights=class_weights,
         label_smoothing=label_smoothing, max_steps_per_epoch=max_steps_per_epoch, seed=seed, val_fraction=val_fraction,
     )
+    if resume:
+        _check_resumed_options(ctx, out, dataclasses.asdict(config))
     torch_device = resolve_device(device)
     if precision == "fp16" and torch_device.type != "cuda":
         raise typer.BadParameter("fp16 needs CUDA; use bf16 or fp32 on the CPU", param_hint="--precision")

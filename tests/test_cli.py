@@ -409,3 +409,13 @@ def test_ctrl_c_says_how_to_continue(command, hint, data_dir, tmp_path, monkeypa
     result = invoke(command, "--data", data_dir, *args)
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert result.output.startswith("interrupted; to continue, ") and hint in result.output
+
+
+def test_finetune_resume_refuses_training_options_that_differ_from_the_run(tmp_path):
+    # --resume continues a run as it was started: a changed option typed with it would be ignored, so it is refused
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "finetune", "finetune": {"epochs": 3, "batch_size": 16}}))
+    refused = invoke("finetune", "--out", run, "--resume", "--epochs", 5, "--batch-size", 16)
+    said = "".join(refused.output.replace("│", "").split())  # typer's box wraps the message
+    assert refused.exit_code == 2 and "--epochs5(therun's:3)" in said and "batch-size" not in said
