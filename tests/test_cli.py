@@ -403,7 +403,7 @@ def test_an_interrupted_k_fold_fit_resumes_to_the_whole_fits_folder(cached, tmp_
 
 @pytest.mark.parametrize(("command", "hint"), [("sweep", "--resume"), ("extract", "encodes only the pairs not cached")])
 def test_ctrl_c_says_how_to_continue(command, hint, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("extract.dataset.read_split", mock.Mock(side_effect=KeyboardInterrupt))
+    monkeypatch.setattr("extract.run.extract_data", mock.Mock(side_effect=KeyboardInterrupt))
     monkeypatch.setattr("fusion.sweep.sweep_from_cache", mock.Mock(side_effect=KeyboardInterrupt))
     args = ["--out", tmp_path / "s", "--set", "lr=1e-3"] if command == "sweep" else ["--cache", tmp_path / "c"]
     result = invoke(command, "--data", data_dir, *args)
