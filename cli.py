@@ -391,11 +391,17 @@ def _check_resumed_options(ctx: typer.Context, out: Path, options: dict[str, Any
     stored = read_config(out).get("finetune", {})
     changed = [
         f"--{name.replace('_', '-')} {value} (the run's: {stored[name]})" for name, value in options.items()
-        if name in stored and value != stored[name] and ctx.get_parameter_source(name).name == "COMMANDLINE"
+        if name in stored and value != stored[name] and _typed(ctx, name)
     ]
     if changed:
         raise typer.BadParameter(f"continues {out} as it was started; leave off {', '.join(changed)}, or start a "
                                  "new run", param_hint="--resume")
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not a default, nor an option the command lacks)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def _submit_and_report(

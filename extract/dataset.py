@@ -326,7 +326,9 @@ def load_image(path: Path | BinaryIO, guid: str = "?", max_pixels: int | None = 
                                          f"{image.width * image.height:,} pixels, over the limit of {limit:,}")
             image.load()
             return rgb_image(upright(image))
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # refused by PIL's own check, in Image.open, past twice its limit
+        raise ImageTooLargeError(guid, name, str(error)) from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
         # PIL names an unknown format by the file object it was given (an address, for an upload): say what it means
         reason = "unknown image format" if isinstance(error, UnidentifiedImageError) else str(error)
         raise BadImageError(guid, name, reason or type(error).__name__) from error

@@ -310,6 +310,7 @@ def fit_folds(
         if overwrite:
             raise ValueError("--resume continues a K-fold fit and --overwrite starts one afresh: give one of them")
         stray = sorted(str(d) for d in Path(out).glob("fold-*") if d.name not in {f"fold-{k}" for k in range(folds)})
+        stray += [str(Path(out) / CONFIG_FILE)] if (Path(out) / CONFIG_FILE).is_file() else []  # a single fit's run
         if not Path(out).is_dir() or stray:
             raise ValueError(f"{out}: no K-fold fit of {folds} folds to resume" + (f" ({stray[0]})" if stray else ""))
         done = [finished_fold(labelled, out, fit_config, head_options, fold, folds=folds, split_seed=split_seed)
@@ -413,10 +414,17 @@ def finished_fold(
         return None
     head_config = labelled.head_config(fit_config.head, head_options)
     config = read_config(run_dir)
-    asked = json.loads(json.dumps({"fit": dataclasses.asdict(fit_config), "head": dataclasses.asdict(head_config)}))
-    if {key: config.get(key) for key in asked} != asked:
-        raise ValueError(f"{run_dir} was fitted with other options: resume with the command that started it, "
-                         "or start afresh with --overwrite")
+    asked = json.loads(json.dumps({  # what fit_rows records of a fold's fit, as JSON stores it
+        "fit": dataclasses.asdict(fit_config), "head": dataclasses.asdict(head_config),
+        "encoders": labelled.descriptions, "data_dir": str(labelled.data_dir.resolve()),
+        "split": {"folds": folds, "fold": fold, "seed": split_seed},
+    }))
+    named = {"fit": "training options", "head": "head options", "encoders": "encoder caches", "data_dir": "data",
+             "split": "split (folds or seed)"}
+    differ = [named[key] for key in asked if config.get(key) != asked[key]]
+    if differ:
+        raise ValueError(f"{run_dir} was fitted with other {', '.join(differ)}: resume with the command that "
+                         "started it, or start afresh with --overwrite")
     head, _ = load_head(run_dir)
     metrics = read_metrics(run_dir)
     trainer = HeadTrainer.fitted(
@@ -494,9 +502,9 @@ def fit_rows(
         "true\\predicted," + ",".join(LABELS) + "\n"
         + "".join(f"{label}," + ",".join(map(str, row)) + "\n" for label, row in zip(LABELS, matrix))
     )
-    (out / REPORT_FILE).write_text(format_report(validation) + "\n")
     if plots:
         plot_run(out)
+    (out / REPORT_FILE).write_text(format_report(validation) + "\n")  # last: a run with it is complete (--resume)
     return result
 
 

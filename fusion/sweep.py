@@ -468,7 +468,8 @@ def fit_trials(
                 f"{metric_of(result.validation, 'neutral_recall'):.3f} ({result.fit_seconds:.1f} s)"
             )
 
-    executor(options.backend)(inputs, tasks, done)
+    if tasks:  # a resumed sweep may have none left (Ray refuses an empty grid)
+        executor(options.backend)(inputs, tasks, done)
     return sorted(results, key=lambda result: (result.index, result.fold))
 
 

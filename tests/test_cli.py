@@ -391,7 +391,7 @@ def test_an_interrupted_k_fold_fit_resumes_to_the_whole_fits_folder(cached, tmp_
     shutil.rmtree(interrupted / "fold-2")
     kept = (interrupted / "fold-0" / "model.pt").stat().st_mtime_ns
     one_line_error(invoke("fit", *options, "--out", interrupted, "--resume", "--lr", 1e-3),
-                   str(interrupted / "fold-0"), "fitted with other options")
+                   str(interrupted / "fold-0"), "fitted with other training options")
     resumed = succeeded(invoke("fit", *options, "--out", interrupted, "--resume"))
     assert (interrupted / "fold-0" / "model.pt").stat().st_mtime_ns == kept  # not fitted again
     for name in ("cv.json", "decision.json"):
@@ -399,6 +399,16 @@ def test_an_interrupted_k_fold_fit_resumes_to_the_whole_fits_folder(cached, tmp_
     assert "3-fold cross-validation" in resumed.output
     refused = invoke("fit", *cached, "--out", interrupted, "--resume")
     assert refused.exit_code == 2 and "--resume" in refused.output  # one fit has nothing to resume
+    # folds of another split are not this fit's: their heads trained on rows the new folds validate on
+    shutil.rmtree(interrupted / "fold-2")
+    one_line_error(invoke("fit", *options, "--out", interrupted, "--resume", "--split-seed", 5),
+                   str(interrupted / "fold-0"), "fitted with other split")
+    one_line_error(invoke("fit", *options, "--folds", 2, "--out", whole, "--resume"),  # the last --folds counts
+                   "no K-fold fit of 2 folds to resume", "fold-2")
+    single = tmp_path / "single"
+    succeeded(invoke("fit", *cached, *FIT_OPTIONS, "--out", single))
+    one_line_error(invoke("fit", *options, "--out", single, "--resume"), "no K-fold fit of 3 folds to resume",
+                   "config.json")
 
 
 @pytest.mark.parametrize(("command", "hint"), [("sweep", "--resume"), ("extract", "encodes only the pairs not cached")])
@@ -419,3 +429,6 @@ def test_finetune_resume_refuses_training_options_that_differ_from_the_run(tmp_p
     refused = invoke("finetune", "--out", run, "--resume", "--epochs", 5, "--batch-size", 16)
     said = "".join(refused.output.replace("│", "").split())  # typer's box wraps the message
     assert refused.exit_code == 2 and "--epochs5(therun's:3)" in said and "batch-size" not in said
+    # an option the command line lacks (set from the Python API) is never "typed": no refusal, no crash
+    (run / "config.json").write_text(json.dumps({"kind": "finetune", "finetune": {"focal_gamma": 1.0}}))
+    assert "AttributeError" not in repr(invoke("finetune", "--out", run, "--resume").exception)

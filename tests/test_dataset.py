@@ -158,6 +158,9 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     decoding = mock.patch.object(Image.Image, "load", side_effect=AssertionError("decoded"))
     with decoding, pytest.raises(ImageTooLargeError):  # refused from the header: no pixel decoded
         load_image(path, "7", max_pixels=50_000)
+    # past twice PIL's own limit, PIL refuses it while opening it: too large all the same, not unreadable
+    with mock.patch.object(Image, "MAX_IMAGE_PIXELS", 20_000), pytest.raises(ImageTooLargeError, match="guid 7"):
+        load_image(path, "7", max_pixels=100_000)
 
 
 def test_missing_image_raises_bad_image_error_naming_guid(tmp_path):

@@ -194,7 +194,7 @@ def test_bad_requests_get_one_line_and_the_server_keeps_serving(served, client, 
         refused(response, status, fragment)
         assert client.get("/health").status_code == 200
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # a decompression bomb, scaled down
-    refused(client.post("/predict", files={"image": ("bomb.png", png(150, 150), "image/png")}), 400, "pixels")
+    refused(client.post("/predict", files={"image": ("bomb.png", png(150, 150), "image/png")}), 413, "pixels")
     monkeypatch.undo()
     assert client.post("/predict", files={"image": ("ok.png", png(150, 150), "image/png")}).status_code == 200
 

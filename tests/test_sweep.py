@@ -434,6 +434,10 @@ def test_a_resumed_sweep_keeps_its_complete_fits_and_ranks_as_the_whole_sweep(ti
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in kept.items())  # complete fits not fitted again
     assert (runs[1] / "fold-1" / "report.txt").is_file() and (runs[3] / "fold-1" / "model.pt").is_file()
     assert len(trials) == 4
+    lines.clear()  # interrupted after its last fit (while ranking): nothing left to fit, the same leaderboard
+    run(tiny_cache, interrupted, grid, folds=2, resume=True, echo=lines.append)
+    assert any(line.startswith("resuming: 8 of 8 fits were complete") for line in lines), lines
+    assert scores(interrupted) == scores(tmp_path / "whole")
 
 
 def test_resume_refuses_another_sweep_or_no_sweep_and_a_rerun_is_told_about_it(tiny_cache, tmp_path):
