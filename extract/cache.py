@@ -36,6 +36,7 @@ import numpy as np
 SCHEMA = 1
 # What must match for cached features to be interchangeable; versions only warn.
 IDENTITY_KEYS = ("kind", "encoder", "fingerprint", "dim", "length", "preprocessing")
+SKIPPED_ATTR = "skipped"  # JSON list of the guids whose file could not be read (--skip-bad): their rows hold no input
 VERSIONED_PACKAGES = ("torch", "torchvision", "transformers", "h5py")
 
 
@@ -227,6 +228,7 @@ class FeatureCache:
         self.path = Path(path)
         self.description = description
         self.data_dir = data_dir
+        self.rows_to_rewrite: dict[str, int] = {}  # guid → its row, for the skipped guids a run tries again
 
     def __enter__(self) -> FeatureCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +266,7 @@ class FeatureCache:
         os.replace(tmp, self.path)
 
     def guids(self) -> set[str]:
-        return {g.decode() if isinstance(g, bytes) else g for g in self.handle["guid"][:]}
+        return set(self.guids_in_order())
 
     def missing(self, guids: list[str]) -> list[str]:
         """The guids without a row yet, in their order; a stitched file (torchrun) refuses to take any."""
@@ -279,21 +281,47 @@ class FeatureCache:
             )
         return todo
 
-    def append(self, guids: list[str], features: np.ndarray, mask: np.ndarray) -> None:
-        """Write one batch; ``features`` (B, L', D) with L' ≤ L is zero-padded to L."""
+    def skipped(self, guids: list[str]) -> list[str]:
+        """Those of ``guids`` whose row holds no input because their file could not be read (``--skip-bad``), in
+        their order, for ``append`` to write again. A stitched file (torchrun) keeps them as they are."""
+        recorded = self._recorded_skips()
+        if not recorded or self.handle.attrs.get("shards", 0):
+            return []
+        self.rows_to_rewrite = {g: row for row, g in enumerate(self.guids_in_order()) if g in recorded}
+        return [g for g in guids if g in recorded]
+
+    def _recorded_skips(self) -> set[str]:
+        return set(json.loads(self.handle.attrs.get(SKIPPED_ATTR, "[]")))
+
+    def append(self, guids: list[str], features: np.ndarray, mask: np.ndarray, *, skipped: bool = False) -> None:
+        """Write one batch; ``features`` (B, L', D) with L' ≤ L is zero-padded to L. A guid that has a row already
+        (one skipped before) gets it rewritten in place; ``skipped``: these guids' files could not be read."""
         count, batch_length = len(guids), features.shape[1]
         length = self.description["length"]
         padded = np.zeros((count, length, features.shape[2]), dtype=np.float16)  # (B, L, D)
         padded[:, :batch_length] = features
         padded_mask = np.zeros((count, length), dtype=bool)  # (B, L)
         padded_mask[:, :batch_length] = mask
+        again = [i for i, guid in enumerate(guids) if guid in self.rows_to_rewrite]  # rows rewritten in place
+        for i in again:
+            self.handle["features"][self.rows_to_rewrite[guids[i]]] = padded[i]
+            self.handle["mask"][self.rows_to_rewrite[guids[i]]] = padded_mask[i]
+        new = [i for i in range(count) if i not in set(again)]
         start = self.handle["guid"].shape[0]
-        for name, rows in (("features", padded), ("mask", padded_mask), ("guid", np.array(guids, dtype=object))):
+        for name, rows in (("features", padded[new]), ("mask", padded_mask[new]),
+                           ("guid", np.array([guids[i] for i in new], dtype=object))):
             # guid goes last: a row counts as done only once its features are written.
             dataset = self.handle[name]
-            dataset.resize(start + count, axis=0)
+            dataset.resize(start + len(new), axis=0)
             dataset[start:] = rows
+        recorded = self._recorded_skips()
+        if skipped or recorded & set(guids):  # after the rows: a crash before this line tries them again
+            now = recorded | set(guids) if skipped else recorded - set(guids)
+            self.handle.attrs[SKIPPED_ATTR] = json.dumps(sorted(now))
         self.handle.flush()
+
+    def guids_in_order(self) -> list[str]:
+        return [g.decode() if isinstance(g, bytes) else g for g in self.handle["guid"][:]]
 
 
 def _warn_on_versions(path: Path, handle: h5py.File) -> None:

@@ -239,7 +239,8 @@ def _encode_missing(
     read = partial(read_raw_image, **square) if tensor_decode else encoder.read
     skipped: list[str] = []
     encoded = 0
-    todo = cache.missing(guids)
+    # unreadable in an earlier run (--skip-bad): read again, and written in place if they are fine now
+    todo = cache.missing(guids) + cache.skipped(guids)
     fast = encoder.for_inference() if todo else encoder  # same features, faster; the cache was checked on ``encoder``
     loader = DataLoader(
         _RawItems(read, data_dir, todo), batch_size=batch_size, collate_fn=_as_list,
@@ -263,7 +264,7 @@ def _encode_missing(
             if bad:
                 # A skipped pair keeps a row whose mask is all False, so later stages see "no input".
                 cache.append([g for g, _ in bad], np.zeros((len(bad), 1, encoder.dim), np.float16),
-                             np.zeros((len(bad), 1), bool))
+                             np.zeros((len(bad), 1), bool), skipped=True)
                 skipped.extend(g for g, _ in bad)
             encoded += len(batch)
             bar.update(len(batch))

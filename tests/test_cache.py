@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from extract.cache import (
     IDENTITY_KEYS,
@@ -344,5 +345,18 @@ def test_skip_bad_records_empty_rows(tiny_image_encoder, data_dir, data_spec, tm
     row = data_spec.guids.index(data_spec.cmyk_guid)
     (direct,) = _direct(tiny_image_encoder, data_dir, [data_spec.cmyk_guid])
     np.testing.assert_allclose(cached.features[row].astype(np.float32), direct, **FP16)
+    # a rerun tries the skipped pairs again: still unreadable, they stay empty rows (no second row each)
     rerun = _extract(tiny_image_encoder, data_dir, cache_root, skip_bad=True)
-    assert (rerun.encoded, rerun.skipped) == (0, [])  # recorded rows count as done
+    assert (rerun.encoded, rerun.skipped) == (2, broken_images)
+    again = load_features(summary.path, data_spec.guids, expected=tiny_image_encoder.describe())
+    assert not again.mask[bad].any() and len(h5py.File(summary.path, "r")["guid"]) == len(data_spec.guids)
+    # once their images are fixed, the next run encodes them into their own rows
+    for guid in broken_images:
+        Image.new("RGB", (40, 30), (200, 90, 20)).save(image_path(data_dir, guid), format="JPEG")
+    fixed = _extract(tiny_image_encoder, data_dir, cache_root, skip_bad=True)
+    assert (fixed.encoded, fixed.skipped) == (2, [])
+    cached = load_features(summary.path, data_spec.guids, expected=tiny_image_encoder.describe())
+    assert cached.mask.all() and len(h5py.File(summary.path, "r")["guid"]) == len(data_spec.guids)
+    for guid, direct in zip(broken_images, _direct(tiny_image_encoder, data_dir, broken_images)):
+        np.testing.assert_allclose(cached.features[data_spec.guids.index(guid)].astype(np.float32), direct, **FP16)
+    assert (_extract(tiny_image_encoder, data_dir, cache_root, skip_bad=True).encoded) == 0  # nothing left to try
