@@ -229,6 +229,7 @@ class FeatureCache:
         self.description = description
         self.data_dir = data_dir
         self.rows_to_rewrite: dict[str, int] = {}  # guid → its row, for the skipped guids a run tries again
+        self.recorded_skips: set[str] = set()  # the file's SKIPPED_ATTR, read once
 
     def __enter__(self) -> FeatureCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +239,7 @@ class FeatureCache:
         check_identity(self.path, _describe_file(self.handle), self.description)
         _check_shards(self.path, self.handle)
         _warn_on_versions(self.path, self.handle)
+        self.recorded_skips = set(json.loads(self.handle.attrs.get(SKIPPED_ATTR, "[]")))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -284,14 +286,11 @@ class FeatureCache:
     def skipped(self, guids: list[str]) -> list[str]:
         """Those of ``guids`` whose row holds no input because their file could not be read (``--skip-bad``), in
         their order, for ``append`` to write again. A stitched file (torchrun) keeps them as they are."""
-        recorded = self._recorded_skips()
+        recorded = self.recorded_skips
         if not recorded or self.handle.attrs.get("shards", 0):
             return []
         self.rows_to_rewrite = {g: row for row, g in enumerate(self.guids_in_order()) if g in recorded}
         return [g for g in guids if g in recorded]
-
-    def _recorded_skips(self) -> set[str]:
-        return set(json.loads(self.handle.attrs.get(SKIPPED_ATTR, "[]")))
 
     def append(self, guids: list[str], features: np.ndarray, mask: np.ndarray, *, skipped: bool = False) -> None:
         """Write one batch; ``features`` (B, L', D) with L' ≤ L is zero-padded to L. A guid that has a row already
@@ -302,11 +301,11 @@ class FeatureCache:
         padded[:, :batch_length] = features
         padded_mask = np.zeros((count, length), dtype=bool)  # (B, L)
         padded_mask[:, :batch_length] = mask
-        again = [i for i, guid in enumerate(guids) if guid in self.rows_to_rewrite]  # rows rewritten in place
+        again = {i for i, guid in enumerate(guids) if guid in self.rows_to_rewrite}  # rows rewritten in place
         for i in again:
             self.handle["features"][self.rows_to_rewrite[guids[i]]] = padded[i]
             self.handle["mask"][self.rows_to_rewrite[guids[i]]] = padded_mask[i]
-        new = [i for i in range(count) if i not in set(again)]
+        new = [i for i in range(count) if i not in again]
         start = self.handle["guid"].shape[0]
         for name, rows in (("features", padded[new]), ("mask", padded_mask[new]),
                            ("guid", np.array([guids[i] for i in new], dtype=object))):
@@ -314,10 +313,10 @@ class FeatureCache:
             dataset = self.handle[name]
             dataset.resize(start + len(new), axis=0)
             dataset[start:] = rows
-        recorded = self._recorded_skips()
-        if skipped or recorded & set(guids):  # after the rows: a crash before this line tries them again
-            now = recorded | set(guids) if skipped else recorded - set(guids)
+        now = self.recorded_skips | set(guids) if skipped else self.recorded_skips - set(guids)
+        if now != self.recorded_skips:  # after the rows: a crash before this line tries them again
             self.handle.attrs[SKIPPED_ATTR] = json.dumps(sorted(now))
+            self.recorded_skips = now
         self.handle.flush()
 
     def guids_in_order(self) -> list[str]:

@@ -413,15 +413,13 @@ def finished_fold(
             shutil.rmtree(run_dir)
         return None
     head_config = labelled.head_config(fit_config.head, head_options)
-    config = read_config(run_dir)
-    asked = json.loads(json.dumps({  # what fit_rows records of a fold's fit, as JSON stores it
-        "fit": dataclasses.asdict(fit_config), "head": dataclasses.asdict(head_config),
-        "encoders": labelled.descriptions, "data_dir": str(labelled.data_dir.resolve()),
-        "split": {"folds": folds, "fold": fold, "seed": split_seed},
-    }))
+    _, val_rows = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)[fold]
+    split = {"folds": folds, "fold": fold, "seed": split_seed}
+    asked = json.loads(json.dumps(run_record(labelled, fit_config, head_config, val_rows, split)))  # as JSON stores it
     named = {"fit": "training options", "head": "head options", "encoders": "encoder caches", "data_dir": "data",
-             "split": "split (folds or seed)"}
-    differ = [named[key] for key in asked if config.get(key) != asked[key]]
+             "split": "split (folds or seed)"}  # the split names the validation pairs
+    config = read_config(run_dir)
+    differ = [named[key] for key in named if config.get(key) != asked[key]]
     if differ:
         raise ValueError(f"{run_dir} was fitted with other {', '.join(differ)}: resume with the command that "
                          "started it, or start afresh with --overwrite")
@@ -433,7 +431,6 @@ def finished_fold(
         precision=metrics["precision"],
     )
     features, _ = labelled.head_inputs(fit_config, head_config)
-    _, val_rows = fold_splits(labelled.labels, folds, fit_config.val_fraction, split_seed)[fold]
     return RunResult(trainer, metrics["validation"], stored_adjustment(metrics),
                      predict_proba(head, features.subset(val_rows)), metrics["parameters"])
 
@@ -441,6 +438,22 @@ def finished_fold(
 def fold_dir(out: Path, fold: int, folds: int) -> Path:
     """The run folder ``fit_fold`` writes fold ``fold`` into: ``out/fold-<fold>`` of K ≥ 2 folds, else ``out``."""
     return Path(out) / f"fold-{fold}" if folds > 1 else Path(out)
+
+
+def run_record(
+    labelled: LabelledFeatures, fit_config: FitConfig, head_config: BaseHeadConfig, val_rows: np.ndarray,
+    split: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A fit's config.json: what it was trained with, on which caches and data, validated on which pairs."""
+    return {
+        "kind": "fit",
+        "labels": list(LABELS),
+        "fit": dataclasses.asdict(fit_config),
+        "head": dataclasses.asdict(head_config),
+        "encoders": labelled.descriptions,
+        "data_dir": str(labelled.data_dir.resolve()),
+        "val_guids": [labelled.guids[r] for r in val_rows],
+    } | ({"split": split} if split else {})
 
 
 def fit_rows(
@@ -466,17 +479,9 @@ def fit_rows(
     head_config = labelled.head_config(fit_config.head, head_options)
     features, aux = labelled.head_inputs(fit_config, head_config)  # a cache that fails does before any write
     out = prepare_run_dir(out, overwrite)
-    labels, guids = labelled.labels, labelled.guids
-    config = {
-        "kind": "fit",
-        "labels": list(LABELS),
-        "fit": dataclasses.asdict(fit_config),
-        "head": dataclasses.asdict(head_config),
-        "encoders": labelled.descriptions,
-        "data_dir": str(labelled.data_dir.resolve()),
-        "val_guids": [guids[r] for r in val_rows],
-    } | ({"split": split} if split else {})
-    write_json(out / CONFIG_FILE, config)  # first, so a crashed run still says what it was
+    labels = labelled.labels
+    # first, so a crashed run still says what it was
+    write_json(out / CONFIG_FILE, run_record(labelled, fit_config, head_config, val_rows, split))
     val = features.subset(val_rows)
     trainer = fitted or HeadTrainer(fit_config, head_config).fit(
         features.subset(train_rows), labels[train_rows], val, labels[val_rows], aux=aux, progress=progress,

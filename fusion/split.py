@@ -48,13 +48,13 @@ def fold_splits(labels: np.ndarray, folds: int, val_fraction: float, seed: int) 
     split once per machine: it is kept under ``splits_dir()``, named by the labels, these options,
     ``SPLITS_FORMAT`` and scikit-learn's version, so that a later fit or sweep splits without importing it.
     """
-    check_splittable(labels, folds, val_fraction)
     key = json.dumps({
         "labels": hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest(), "folds": folds,
         "val_fraction": val_fraction if folds == 1 else None, "seed": seed, "format": SPLITS_FORMAT,
         "scikit-learn": _scikit_learn_version(),
     }, sort_keys=True)
-    if key not in _SPLITS:
+    if key not in _SPLITS:  # only a split that could be made is kept: checked once, here
+        check_splittable(labels, folds, val_fraction)
         path = splits_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
         splits = _read_splits(path, key)
         if splits is None:

@@ -496,9 +496,9 @@ def check_resumable(out: Path, plan: dict[str, Any], options: SweepOptions, over
         raise ValueError(f"--resume continues grid sweeps; a {options.search} search samples anew: start it again")
     if not (out / PLAN_FILE).is_file():
         raise FileNotFoundError(f"{out}: no {PLAN_FILE}: not a sweep folder to resume (or one from before --resume)")
-    stored = json.loads((out / PLAN_FILE).read_text())
-    if stored != json.loads(json.dumps(plan)):  # the plan as JSON stores it (tuples become lists)
-        changed = sorted(key for key in plan if stored.get(key) != json.loads(json.dumps(plan[key])))
+    stored, plan = json.loads((out / PLAN_FILE).read_text()), json.loads(json.dumps(plan))  # as JSON stores it
+    changed = sorted(key for key in plan if stored.get(key) != plan[key])
+    if changed:
         raise ValueError(f"{out} holds another sweep (its {', '.join(changed)} differ): rerun with the same grid "
                          "and options, or start a new --out")
 
